@@ -1,0 +1,51 @@
+"""vsem-lens: read a language model's latent space in the coordinates of its own vocabulary.
+
+The data flows one way: model -> capture -> basis / affinity / statistics -> analyses -> report.
+
+Example:
+    >>> import vsem_lens as vl                                  # doctest: +SKIP
+    >>> model = vl.load_model()                                 # embedded SmolLM2-135M-Instruct
+    >>> basis = vl.SemanticBasis.from_model(model)              # pinv of the unembedding
+    >>> df = vl.layerwise_affinity(model, "The capital of France is")
+"""
+
+from .affinity import iter_layer_readouts, layerwise_affinity, logit_lens, vocab_affinity
+from .basis import SemanticBasis, pinv_by_gram
+from .capture import Activations, capture, iter_capture
+from .errors import (
+    ArtifactError,
+    DataError,
+    InputError,
+    ModelLoadError,
+    NumericalError,
+    VocabularyError,
+    VsemLensError,
+)
+from .lenses import FinalNormLens, Lens, RawLens
+from .models import HookedModel, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activations",
+    "ArtifactError",
+    "DataError",
+    "FinalNormLens",
+    "HookedModel",
+    "InputError",
+    "Lens",
+    "ModelLoadError",
+    "NumericalError",
+    "RawLens",
+    "SemanticBasis",
+    "VocabularyError",
+    "VsemLensError",
+    "capture",
+    "iter_capture",
+    "iter_layer_readouts",
+    "layerwise_affinity",
+    "load_model",
+    "logit_lens",
+    "pinv_by_gram",
+    "vocab_affinity",
+]

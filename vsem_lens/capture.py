@@ -1,0 +1,272 @@
+"""Stream activations (any site, any layers) over a corpus in batches, padding removed.
+
+Sites use TransformerLens's hook names:
+
+========== ==================================== ===========================================
+site       hook                                 meaning
+========== ==================================== ===========================================
+embed      ``hook_embed``                       token embedding (layer index 0 only)
+resid_pre  ``blocks.{l}.hook_resid_pre``        residual entering block l
+resid_mid  ``blocks.{l}.hook_resid_mid``        after block l's attention
+resid_post ``blocks.{l}.hook_resid_post``       residual leaving block l (= HF hidden_states[l+1])
+attn_out   ``blocks.{l}.hook_attn_out``         block l's attention output
+mlp_out    ``blocks.{l}.hook_mlp_out``          block l's MLP output
+========== ==================================== ===========================================
+
+Only the requested hooks are attached, and each hook keeps only the non-padding tokens, so memory
+is ``layers x real tokens x d_model`` per batch and nothing else.
+
+Example:
+    >>> acts = capture(model, ["The capital of France is"], layers=[0, 29])  # doctest: +SKIP
+    >>> acts["resid_post"].shape                                           # doctest: +SKIP
+    torch.Size([2, 5, 576])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import InputError, NumericalError
+from .models import HookedModel, Tokens, check_texts
+
+SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def hook_name(site: str, layer: int) -> str:
+    """TransformerLens hook name of a site at a layer.
+
+    Example:
+        >>> hook_name("resid_post", 3)
+        'blocks.3.hook_resid_post'
+    """
+    if site == "embed":
+        return "hook_embed"
+    return f"blocks.{layer}.hook_{site}"
+
+
+def check_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate site names.
+
+    Example:
+        >>> check_sites("resid_post")
+        ('resid_post',)
+    """
+    if isinstance(sites, str):
+        sites = (sites,)
+    sites = tuple(sites)
+    if not sites:
+        raise InputError(f"no sites were given; choose from {', '.join(SITES)}.")
+    for site in sites:
+        if site not in SITES:
+            raise InputError(f"unknown site {site!r}; choose from {', '.join(SITES)}.")
+    return sites
+
+
+def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Validate layer indices (negative indices count from the end); ``None`` means all layers.
+
+    Example:
+        >>> check_layers([0, -1], 30)
+        [0, 29]
+    """
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise InputError(f"layer {layer!r} is not an integer.")
+        if not -n_layers <= layer < n_layers:
+            raise InputError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}.")
+        out.append(layer % n_layers)
+    if not out:
+        raise InputError("no layers were given; pass None for all layers.")
+    return sorted(set(out))
+
+
+@dataclass
+class ActivationBatch:
+    """Activations of one batch of texts, padding removed.
+
+    Attributes:
+        acts: per site a tensor [layer, token, d_model] over the batch's real tokens (row-major:
+            text by text, position by position).
+        layers: the layer index of each slice of dimension 0 (``[0]`` for ``embed``).
+        tokens: the batch's padded token ids and mask.
+        doc_index: global index of each real token's text.
+        positions: position of each real token in its text.
+        token_ids: id of each real token.
+    """
+
+    acts: dict[str, Float[Tensor, "layer token d_model"]]
+    layers: list[int]
+    tokens: Tokens
+    doc_index: Int[Tensor, " token"]
+    positions: Int[Tensor, " token"]
+    token_ids: Int[Tensor, " token"]
+    logits: Float[Tensor, "token d_vocab"] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of real tokens in the batch."""
+        return int(self.token_ids.numel())
+
+
+@dataclass
+class Activations:
+    """Activations of a whole (small) corpus: per site [layer, token, d_model] plus a token table.
+
+    Example:
+        >>> acts = capture(model, ["Hello world"])  # doctest: +SKIP
+        >>> acts.tokens.columns.tolist()            # doctest: +SKIP
+        ['doc', 'position', 'token_id', 'token']
+    """
+
+    acts: dict[str, Float[Tensor, "layer token d_model"]]
+    layers: list[int]
+    tokens: pd.DataFrame = field(repr=False)
+
+    def __getitem__(self, site: str) -> Float[Tensor, "layer token d_model"]:
+        if site not in self.acts:
+            raise InputError(f"site {site!r} was not captured; captured: {', '.join(self.acts)}.")
+        return self.acts[site]
+
+    def layer(self, site: str, layer: int) -> Float[Tensor, "token d_model"]:
+        """Activations of one site at one (absolute) layer index."""
+        if layer not in self.layers:
+            raise InputError(f"layer {layer} was not captured; captured layers: {self.layers}.")
+        return self[site][self.layers.index(layer)]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.acts.items())
+        return f"Activations({shapes}, layers={self.layers}, n_tokens={len(self.tokens)})"
+
+
+def iter_capture(
+    model: HookedModel,
+    texts: str | Sequence[str],
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    keep_logits: bool = False,
+    check_finite: bool = True,
+    progress: bool = False,
+) -> Iterator[ActivationBatch]:
+    """Stream activations batch by batch (for corpora that do not fit in memory).
+
+    Args:
+        model: a :class:`~vsem_lens.models.HookedModel`.
+        texts: one text or a list of texts.
+        sites: which activations (see module docstring).
+        layers: layer indices (``None`` = all). ``embed`` ignores it.
+        batch_size: texts per forward pass.
+        max_length: truncate texts to this many tokens (otherwise over-long texts are an error).
+        keep_logits: also return the model's output logits at each real token ([token, d_vocab]).
+        check_finite: raise :class:`NumericalError` on NaN/inf activations.
+        progress: show a tqdm bar over batches.
+
+    Yields:
+        one :class:`ActivationBatch` per batch of texts.
+
+    Example:
+        >>> for batch in iter_capture(model, corpus, layers=[10]):  # doctest: +SKIP
+        ...     stats.update(batch.acts["resid_post"][0])
+    """
+    texts = check_texts(texts)
+    sites = check_sites(sites)
+    layer_list = check_layers(layers, model.n_layers)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    hooks = {site: [hook_name(site, layer) for layer in ([0] if site == "embed" else layer_list)] for site in sites}
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+        batch_texts = texts[start : start + batch_size]
+        tokens = model.tokenize(batch_texts, max_length=max_length)
+        keep = tokens.mask.bool()
+        store: dict[str, Tensor] = {}
+
+        def make_hook(name: str):
+            def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
+                store[name] = tensor.detach()[keep.to(tensor.device)]
+                return tensor
+
+            return save
+
+        fwd_hooks = [(name, make_hook(name)) for names in hooks.values() for name in names]
+        with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+            logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
+        acts = {site: torch.stack([store[name] for name in names]) for site, names in hooks.items()}
+        if check_finite:
+            for site, tensor in acts.items():
+                if not torch.isfinite(tensor).all():
+                    raise NumericalError(
+                        f"the model produced NaN/inf activations at site {site!r} for texts "
+                        f"{start}..{start + len(batch_texts) - 1}; check the weights and dtype "
+                        "(float16 overflows are common: try dtype=torch.float32)."
+                    )
+        rows, cols = keep.nonzero(as_tuple=True)
+        yield ActivationBatch(
+            acts=acts,
+            layers=layer_list,
+            tokens=tokens,
+            doc_index=rows + start,
+            positions=cols,
+            token_ids=tokens.ids[rows, cols],
+            logits=logits[keep.to(logits.device)] if keep_logits else None,
+        )
+
+
+def capture(
+    model: HookedModel,
+    texts: str | Sequence[str],
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> Activations:
+    """Capture activations of a (small) corpus into memory.
+
+    Returns per site a tensor [layer, token, d_model] over the corpus's real tokens (no padding)
+    and a token table (doc, position, token_id, token). For corpora that do not fit in memory use
+    :func:`iter_capture`.
+
+    Example:
+        >>> acts = capture(model, ["Hello world", "Hi"], sites=("resid_post", "mlp_out"))  # doctest: +SKIP
+        >>> acts["mlp_out"].shape                                                          # doctest: +SKIP
+        torch.Size([30, 3, 576])
+    """
+    parts: dict[str, list[Tensor]] = {}
+    docs, positions, ids = [], [], []
+    layer_list: list[int] = []
+    for batch in iter_capture(
+        model, texts, sites=sites, layers=layers, batch_size=batch_size, max_length=max_length, progress=progress
+    ):
+        layer_list = batch.layers
+        for site, tensor in batch.acts.items():
+            parts.setdefault(site, []).append(tensor)
+        docs.append(batch.doc_index)
+        positions.append(batch.positions)
+        ids.append(batch.token_ids)
+    token_ids = torch.cat(ids)
+    table = pd.DataFrame(
+        {
+            "doc": torch.cat(docs).numpy(),
+            "position": torch.cat(positions).numpy(),
+            "token_id": token_ids.numpy(),
+            "token": model.token_strings(token_ids),
+        }
+    )
+    acts = {site: torch.cat(chunks, dim=1) for site, chunks in parts.items()}
+    return Activations(acts=acts, layers=layer_list, tokens=table)

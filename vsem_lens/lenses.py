@@ -1,0 +1,128 @@
+"""Frames: how a layer's residual is mapped into the space the semantic bases live in.
+
+The semantic bases (Gu et al.) live in the LM-head input space, i.e. after the final norm. For an
+intermediate layer ``l`` the papers do not say what to compare them with; vsem-lens names three frames
+and uses the same names everywhere (DESIGN 3.3):
+
+- ``raw``: the residual ``h_l`` as it is (:class:`RawLens`).
+- ``final_norm`` (default): the model's own final norm applied to ``h_l``, the logit-lens convention
+  (:class:`FinalNormLens`).
+- ``tuned``: a learned affine translator ``h_l + A_l h_l + b_l`` followed by the final norm (tuned lens,
+  Belrose et al. 2023, arXiv 2303.08112), trained separately (:class:`~vsem_lens.tuned.TunedLens`).
+
+Cosine is not invariant to the norm's gain vector or centring, so the frames give different answers;
+every table records which one was used.
+
+Example:
+    >>> lens = resolve_frame("final_norm", model)  # doctest: +SKIP
+    >>> lens(h, layer=3).shape                      # doctest: +SKIP
+    torch.Size([5, 576])
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import InputError
+
+FRAMES = ("raw", "final_norm", "tuned")
+
+
+class Lens(ABC):
+    """Maps a layer's residual into the final layer's frame (the LM-head input space or ``raw``).
+
+    Subclasses implement :meth:`forward`; :meth:`save`/``load`` exist where a lens has parameters.
+    """
+
+    frame: str = ""
+
+    @abstractmethod
+    def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        """Transform residual vectors of ``layer`` into the lens's frame."""
+
+    def __call__(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        return self.forward(h, layer)
+
+    def save(self, path: Any) -> None:  # pragma: no cover - parameter-free lenses have nothing to save
+        """Save the lens (parameter-free lenses need no file)."""
+        raise InputError(f"the {self.frame!r} frame has no parameters to save.")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class RawLens(Lens):
+    """Identity: the residual as it is.
+
+    Example:
+        >>> import torch
+        >>> RawLens()(torch.ones(2, 3), layer=0).tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+
+    frame = "raw"
+
+    def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        return h
+
+
+class FinalNormLens(Lens):
+    """The model's own final norm, applied to any layer (the logit-lens convention).
+
+    Example:
+        >>> FinalNormLens(model)(h, layer=3)  # doctest: +SKIP
+    """
+
+    frame = "final_norm"
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        return self.model.final_norm(h)
+
+
+def check_frame(frame: str) -> str:
+    """Validate a frame name.
+
+    Example:
+        >>> check_frame("raw")
+        'raw'
+    """
+    if frame not in FRAMES:
+        raise InputError(f"unknown frame {frame!r}; choose one of {', '.join(FRAMES)}.")
+    return frame
+
+
+def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) -> Lens:
+    """Turn a frame name (or a ready lens) into a :class:`Lens` for ``model``.
+
+    ``"tuned"`` needs a trained tuned lens, passed as ``lens=`` or found in the cache for this model.
+
+    Example:
+        >>> resolve_frame("raw", None)
+        RawLens()
+    """
+    if isinstance(frame, Lens):
+        return frame
+    frame = check_frame(frame)
+    if frame == "raw":
+        return RawLens()
+    if frame == "final_norm":
+        return FinalNormLens(model)
+    if lens is not None:
+        return lens
+    from .tuned import find_cached_tuned_lens  # tuned lenses are optional; import lazily
+
+    cached = find_cached_tuned_lens(model)
+    if cached is None:
+        raise InputError(
+            "frame 'tuned' needs a trained tuned lens for this model, and none was given or cached. "
+            "Train one with `vsem-lens lens train --model ...` (or vsem_lens.TunedLens.fit) and pass "
+            "it as lens=..., or use frame='final_norm'."
+        )
+    return cached
