@@ -1,4 +1,8 @@
-"""Command line: ``vsem-lens report | basis ...``.
+"""Command line entry point: ``vsem-lens <command> ...``.
+
+Each command lives in its own module under :mod:`vsem_lens.commands` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a function ``(args) -> int``.
+Errors the user can fix (:class:`~vsem_lens.errors.VsemLensError`) print one clear line and exit 2.
 
 Example:
     $ vsem-lens report            # embedded model, embedded corpus -> ./vsem-report/
@@ -7,48 +11,38 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Sequence
 
 from .errors import VsemLensError
 
-
-def _summary(args: argparse.Namespace) -> int:
-    """Short layerwise summary of one sentence (what `report` prints with --summary)."""
-    from .affinity import layerwise_affinity
-    from .models import load_model
-
-    model = load_model(args.model)
-    text = args.text[0] if args.text else "The capital of France is"
-    df = layerwise_affinity(model, text, frame=args.frame, k=1)
-    last = df[df.position == df.position.max()]
-    print(f"{model!r}\nText: {text!r}  (final prediction: {last.final_token.iloc[0]!r}, frame: {args.frame})")
-    print(f"{'layer':>5}  {'logit lens top-1':<18} {'KL bits':>8} {'rank':>6}   {'affinity top-1':<18} {'rank':>6}")
-    for row in last.itertuples():
-        print(
-            f"{row.layer:>5}  {row.lens_top1!r:<18} {row.lens_kl_bits:>8.2f} {row.lens_final_rank:>6}   "
-            f"{row.affinity_top1!r:<18} {row.affinity_final_rank:>6}"
-        )
-    return 0
+COMMAND_MODULES = ("report", "lens", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vsem-lens", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="layerwise semantic report")
-    report.add_argument("--model", default="embedded", help="embedded | hub name | local dir | .gguf")
-    report.add_argument("--text", action="append", default=[], help="example text (repeatable)")
-    report.add_argument("--frame", default="final_norm", choices=["raw", "final_norm", "tuned"])
-    report.add_argument("--out", default="vsem-report", help="output directory")
-    report.set_defaults(func=_summary)
+    """The argument parser with every available command registered."""
+    parser = argparse.ArgumentParser(
+        prog="vsem-lens", description="Read a language model's latent space in vocabulary coordinates."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"vsem_lens.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"vsem_lens.commands.{name}":
+                raise
+            continue  # a command not built yet
+        module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vsem-lens`` console script."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if _embedded_only(argv) else None
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", "embedded") == "embedded":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model never needs the network
     try:
         return int(args.func(args) or 0)
     except VsemLensError as exc:
@@ -57,11 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vsem-lens: interrupted; earlier outputs are left as they were.", file=sys.stderr)
         return 130
-
-
-def _embedded_only(argv: Sequence[str] | None) -> bool:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return "--model" not in argv or argv[argv.index("--model") + 1 : argv.index("--model") + 2] == ["embedded"]
 
 
 if __name__ == "__main__":
