@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .basis import SemanticBasis
-from .capture import check_layers, iter_capture
+from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel
@@ -131,6 +131,107 @@ def readout_statistics(
     }
 
 
+class LayerReadout:
+    """Readout statistics of captured residuals: the per-batch engine behind :func:`iter_layer_readouts`.
+
+    Build it once, then call it on each :class:`~vsem_lens.capture.ActivationBatch` whose ``resid_post``
+    covers :attr:`capture_layers` (the requested layers plus the last one, which gives the final
+    distribution). A streaming analysis that already captures residuals for other statistics can
+    reuse its batches instead of running the model again, optionally on a subset of tokens.
+
+    Example:
+        >>> readout = LayerReadout(model, basis=basis, k=3)                      # doctest: +SKIP
+        >>> for batch in iter_capture(model, corpus, layers=readout.capture_layers):  # doctest: +SKIP
+        ...     out = readout(batch)
+    """
+
+    def __init__(
+        self,
+        model: HookedModel,
+        *,
+        basis: SemanticBasis | None = None,
+        frame: str | Lens | None = None,
+        layers: int | Sequence[int] | None = None,
+        readouts: Sequence[str] = READOUTS,
+        k: int = 5,
+        token_chunk: int = 512,
+    ):
+        for name in readouts:
+            if name not in READOUTS:
+                raise InputError(f"unknown readout {name!r}; choose from {', '.join(READOUTS)}.")
+        if not 1 <= k <= model.d_vocab:
+            raise InputError(f"k must be between 1 and {model.d_vocab}, got {k}.")
+        if token_chunk < 1:
+            raise InputError(f"token_chunk must be at least 1, got {token_chunk}.")
+        if basis is None and "affinity" in readouts:
+            basis = SemanticBasis.from_model(model, frame=frame if isinstance(frame, str) else "final_norm")
+        if frame is None:
+            frame = basis.frame if basis is not None else "final_norm"
+        self.model = model
+        self.lens = basis.lens if basis is not None and frame == basis.frame else resolve_frame(frame, model)
+        self.frame = self.lens.frame
+        self.readouts = tuple(readouts)
+        self.k = k
+        self.token_chunk = token_chunk
+        self.layers = check_layers(layers, model.n_layers)
+        self.capture_layers = sorted(set(self.layers) | {model.n_layers - 1})
+        self._unit = basis.unit_vectors if basis is not None else None
+        self._final_norm = resolve_frame("final_norm", model)
+
+    def __call__(self, batch: ActivationBatch, select: Tensor | None = None) -> ReadoutBatch:
+        """Readouts of one captured batch; ``select`` (bool [token]) restricts them to some tokens."""
+        if not set(self.capture_layers) <= set(batch.layers):
+            raise InputError(f"the batch lacks layers {sorted(set(self.capture_layers) - set(batch.layers))}.")
+        resid = batch.acts["resid_post"]
+        index = {layer: batch.layers.index(layer) for layer in self.capture_layers}
+        doc_index, positions, token_ids = batch.doc_index, batch.positions, batch.token_ids
+        if select is not None:
+            resid = resid[:, select.to(resid.device)]
+            doc_index, positions, token_ids = doc_index[select], positions[select], token_ids[select]
+        W_U, b_U, last = self.model.W_U, self.model.b_U, self.model.n_layers - 1
+        stats: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
+        final_ids_parts, entropy_parts = [], []
+        with torch.no_grad():
+            for start in range(0, resid.shape[1], self.token_chunk):
+                chunk = resid[:, start : start + self.token_chunk]
+                final_logits = self._final_norm(chunk[index[last]], last) @ W_U + b_U
+                final_logp = torch.log_softmax(final_logits, dim=-1)
+                final_p = final_logp.exp()
+                neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(-1)
+                final_ids = final_logits.argmax(dim=-1)
+                del final_logits
+                final_ids_parts.append(final_ids)
+                entropy_parts.append(-neg_entropy / LN2)
+                per_layer: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
+                for layer in self.layers:
+                    h = self.lens(chunk[index[layer]], layer)
+                    for name in self.readouts:
+                        if name == "lens":
+                            scores = h @ W_U + b_U
+                        else:
+                            h_unit = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+                            scores = h_unit @ self._unit.T
+                        out = readout_statistics(scores, final_logp, final_p, neg_entropy, final_ids, self.k)
+                        del scores
+                        for key, value in out.items():
+                            per_layer[name].setdefault(key, []).append(value)
+                for name in self.readouts:
+                    for key, values in per_layer[name].items():
+                        stats[name].setdefault(key, []).append(torch.stack(values))
+        readout_tensors = {
+            name: {key: torch.cat(parts, dim=1) for key, parts in by_key.items()} for name, by_key in stats.items()
+        }
+        return ReadoutBatch(
+            layers=self.layers,
+            doc_index=doc_index,
+            positions=positions,
+            token_ids=token_ids,
+            final_ids=torch.cat(final_ids_parts),
+            final_entropy_bits=torch.cat(entropy_parts),
+            readouts=readout_tensors,
+        )
+
+
 def iter_layer_readouts(
     model: HookedModel,
     texts: str | Sequence[str],
@@ -151,68 +252,13 @@ def iter_layer_readouts(
         >>> for out in iter_layer_readouts(model, corpus, k=1):  # doctest: +SKIP
         ...     print(out.readouts["lens"]["kl_bits"].mean(dim=1))
     """
-    for name in readouts:
-        if name not in READOUTS:
-            raise InputError(f"unknown readout {name!r}; choose from {', '.join(READOUTS)}.")
-    if not 1 <= k <= model.d_vocab:
-        raise InputError(f"k must be between 1 and {model.d_vocab}, got {k}.")
-    if basis is None and "affinity" in readouts:
-        basis = SemanticBasis.from_model(model, frame=frame if isinstance(frame, str) else "final_norm")
-    if frame is None:
-        frame = basis.frame if basis is not None else "final_norm"
-    lens = basis.lens if basis is not None and frame == basis.frame else resolve_frame(frame, model)
-    layer_list = check_layers(layers, model.n_layers)
-    last = model.n_layers - 1
-    capture_layers = sorted(set(layer_list) | {last})
-    unit = basis.unit_vectors if basis is not None else None
-    W_U, b_U = model.W_U, model.b_U
-    final_norm = resolve_frame("final_norm", model)
-    with torch.no_grad():
-        for batch in iter_capture(
-            model, texts, layers=capture_layers, batch_size=batch_size, max_length=max_length, progress=progress
-        ):
-            resid = batch.acts["resid_post"]  # [L', T, d]
-            n_tok = resid.shape[1]
-            stats: dict[str, dict[str, list[Tensor]]] = {name: {} for name in readouts}
-            final_ids_parts, entropy_parts = [], []
-            for start in range(0, n_tok, token_chunk):
-                chunk = resid[:, start : start + token_chunk]
-                final_logits = final_norm(chunk[capture_layers.index(last)], last) @ W_U + b_U
-                final_logp = torch.log_softmax(final_logits, dim=-1)
-                final_p = final_logp.exp()
-                neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(-1)
-                final_ids = final_logits.argmax(dim=-1)
-                del final_logits
-                final_ids_parts.append(final_ids)
-                entropy_parts.append(-neg_entropy / LN2)
-                per_layer: dict[str, dict[str, list[Tensor]]] = {name: {} for name in readouts}
-                for layer in layer_list:
-                    h = lens(chunk[capture_layers.index(layer)], layer)
-                    for name in readouts:
-                        if name == "lens":
-                            scores = h @ W_U + b_U
-                        else:
-                            h_unit = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-                            scores = h_unit @ unit.T
-                        out = readout_statistics(scores, final_logp, final_p, neg_entropy, final_ids, k)
-                        del scores
-                        for key, value in out.items():
-                            per_layer[name].setdefault(key, []).append(value)
-                for name in readouts:
-                    for key, values in per_layer[name].items():
-                        stats[name].setdefault(key, []).append(torch.stack(values))
-            readout_tensors = {
-                name: {key: torch.cat(parts, dim=1) for key, parts in by_key.items()} for name, by_key in stats.items()
-            }
-            yield ReadoutBatch(
-                layers=layer_list,
-                doc_index=batch.doc_index,
-                positions=batch.positions,
-                token_ids=batch.token_ids,
-                final_ids=torch.cat(final_ids_parts),
-                final_entropy_bits=torch.cat(entropy_parts),
-                readouts=readout_tensors,
-            )
+    readout = LayerReadout(
+        model, basis=basis, frame=frame, layers=layers, readouts=readouts, k=k, token_chunk=token_chunk
+    )
+    for batch in iter_capture(
+        model, texts, layers=readout.capture_layers, batch_size=batch_size, max_length=max_length, progress=progress
+    ):
+        yield readout(batch)
 
 
 def vocabulary_strings(model: HookedModel) -> list[str]:
