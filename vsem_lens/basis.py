@@ -2,7 +2,7 @@
 
 Gu et al. (arXiv 2401.16184). Row convention ``logits = r W`` with ``W = W_U`` in R^{d x V}. The
 semantic basis of token i is ``s_i = e_i W^+``; all bases together are ``S = W^+`` [V, d]. With
-``U = W^T`` [V, d] of full column rank, ``S = U (U^T U)^{-1}``: one d x d Cholesky solve, O(V d^2),
+``U = W^T`` [V, d] of full column rank, ``S = U (U^T U)^{-1}``: one d x d Cholesky inverse and one GEMM, O(V d^2),
 instead of an SVD. Computed in float64 (the float32 solve loses ~3e-5 relative accuracy on SmolLM2)
 and stored in the model's dtype.
 
@@ -70,8 +70,9 @@ def pinv_by_gram(
             "the unembedding is rank-deficient (its Gram matrix is not positive definite), so the "
             "semantic basis is not defined; check the weights for NaN or duplicated columns."
         )
-    # S^T = G^{-1} U^T, solved with the Cholesky factor of G.
-    return torch.cholesky_solve(U.T, chol).T
+    # G^{-1} from its Cholesky factor (d^3, cheap), then one GEMM: faster than two triangular solves
+    # against V right-hand sides, and as accurate in float64 (G is well conditioned for real LM heads).
+    return U @ torch.cholesky_inverse(chol)
 
 
 class SemanticBasis:
@@ -291,7 +292,7 @@ class SemanticBasis:
             "d_vocab": self.d_vocab,
             "d_model": self.d_model,
             "dtype": str(self.vectors.dtype),
-            "method": "pinv(W_U) = U (U^T U)^-1 by Cholesky solve (Gu et al., arXiv 2401.16184)",
+            "method": "pinv(W_U) = U (U^T U)^-1 via a float64 Cholesky inverse (Gu et al., arXiv 2401.16184)",
         }
         tag = uuid.uuid4().hex[:8]
         tmp_weights = path / f".basis-{tag}.safetensors"

@@ -152,7 +152,7 @@ class Activations:
 
 def iter_capture(
     model: HookedModel,
-    texts: str | Sequence[str],
+    texts: str | Sequence[str] | Tokens,
     *,
     sites: str | Sequence[str] = ("resid_post",),
     layers: int | Sequence[int] | None = None,
@@ -166,7 +166,7 @@ def iter_capture(
 
     Args:
         model: a :class:`~vsem_lens.models.HookedModel`.
-        texts: one text or a list of texts.
+        texts: one text, a list of texts, or an already tokenised (right-padded) :class:`Tokens` batch.
         sites: which activations (see module docstring).
         layers: layer indices (``None`` = all). ``embed`` ignores it.
         batch_size: texts per forward pass.
@@ -182,39 +182,51 @@ def iter_capture(
         >>> for batch in iter_capture(model, corpus, layers=[10]):  # doctest: +SKIP
         ...     stats.update(batch.acts["resid_post"][0])
     """
-    texts = check_texts(texts)
+    pretokenized = texts if isinstance(texts, Tokens) else None
+    n_texts = pretokenized.ids.shape[0] if pretokenized is not None else len(texts := check_texts(texts))
     sites = check_sites(sites)
     layer_list = check_layers(layers, model.n_layers)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     hooks = {site: [hook_name(site, layer) for layer in ([0] if site == "embed" else layer_list)] for site in sites}
-    starts = range(0, len(texts), batch_size)
+    starts = range(0, n_texts, batch_size)
     for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-        batch_texts = texts[start : start + batch_size]
-        tokens = model.tokenize(batch_texts, max_length=max_length)
+        if pretokenized is not None:
+            tokens = Tokens(pretokenized.ids[start : start + batch_size], pretokenized.mask[start : start + batch_size])
+        else:
+            tokens = model.tokenize(texts[start : start + batch_size], max_length=max_length)
+        n_batch = tokens.ids.shape[0]
         keep = tokens.mask.bool()
-        store: dict[str, Tensor] = {}
+        rows_cols = keep.nonzero(as_tuple=True)
+        flat_index = keep.reshape(-1).nonzero().squeeze(1).to(model.device)
+        # Each hook copies its real tokens straight into one preallocated [layer, token, d] buffer
+        # per site (no padding kept, no later stacking copy).
+        acts = {
+            site: torch.empty(len(names), flat_index.numel(), model.d_model, dtype=model.dtype, device=model.device)
+            for site, names in hooks.items()
+        }
 
-        def make_hook(name: str):
+        def make_hook(site: str, slot: int):
             def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
-                store[name] = tensor.detach()[keep.to(tensor.device)]
+                flat = tensor.detach().reshape(-1, tensor.shape[-1])
+                torch.index_select(flat, 0, flat_index, out=acts[site][slot])
                 return tensor
 
             return save
 
-        fwd_hooks = [(name, make_hook(name)) for names in hooks.values() for name in names]
+        fwd_hooks = [(name, make_hook(site, slot)) for site, names in hooks.items() for slot, name in enumerate(names)]
         with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
             logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-        acts = {site: torch.stack([store[name] for name in names]) for site, names in hooks.items()}
         if check_finite:
             for site, tensor in acts.items():
-                if not torch.isfinite(tensor).all():
+                # A sum is a fast multi-threaded NaN/inf test; only if it fails (or overflows) look closer.
+                if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                     raise NumericalError(
                         f"the model produced NaN/inf activations at site {site!r} for texts "
-                        f"{start}..{start + len(batch_texts) - 1}; check the weights and dtype "
+                        f"{start}..{start + n_batch - 1}; check the weights and dtype "
                         "(float16 overflows are common: try dtype=torch.float32)."
                     )
-        rows, cols = keep.nonzero(as_tuple=True)
+        rows, cols = rows_cols
         yield ActivationBatch(
             acts=acts,
             layers=layer_list,
@@ -228,7 +240,7 @@ def iter_capture(
 
 def capture(
     model: HookedModel,
-    texts: str | Sequence[str],
+    texts: str | Sequence[str] | Tokens,
     *,
     sites: str | Sequence[str] = ("resid_post",),
     layers: int | Sequence[int] | None = None,
@@ -268,5 +280,5 @@ def capture(
             "token": model.token_strings(token_ids),
         }
     )
-    acts = {site: torch.cat(chunks, dim=1) for site, chunks in parts.items()}
+    acts = {site: chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1) for site, chunks in parts.items()}
     return Activations(acts=acts, layers=layer_list, tokens=table)
