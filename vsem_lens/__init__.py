@@ -49,3 +49,21 @@ __all__ = [
     "pinv_by_gram",
     "vocab_affinity",
 ]
+
+# Isotropy and disentanglement analyses (figures: ``vsem_lens.plots``, imported on demand).
+from .disentangle import (  # noqa: E402
+    BasisCoherence,
+    affinity_sparsity_by_layer,
+    basis_coherence,
+    decomposition_by_layer,
+)
+from .isotropy import IsotropyState, isotropy_by_layer  # noqa: E402
+
+__all__ += [
+    "BasisCoherence",
+    "IsotropyState",
+    "affinity_sparsity_by_layer",
+    "basis_coherence",
+    "decomposition_by_layer",
+    "isotropy_by_layer",
+]

@@ -30,6 +30,9 @@ Also here: the average pairwise cosine similarity (common, but it measures the m
 than isotropy: a cloud can have average cosine 0 and IsoScore near 0), the participation ratio, and
 the coordinate dimensions with the largest variance ("outlier dimensions").
 
+Model-level, streamed over a corpus: :func:`isotropy_by_layer` (one capture pass; per (site, layer,
+frame) a float64 mean/covariance and a sum of unit vectors, kept in a mergeable :class:`IsotropyState`).
+
 Example:
     >>> import torch
     >>> x = torch.randn(20_000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -41,7 +44,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int, Shaped
@@ -49,6 +52,12 @@ from torch import Tensor
 
 from .errors import InputError, NumericalError
 from .stats import Moments, _as_tensor
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without the model stack
+    import pandas as pd
+
+    from .capture import ActivationBatch
+    from .models import HookedModel
 
 PointsOrMoments = Union[Float[Tensor, "n_points dim"], Moments]
 
@@ -485,3 +494,508 @@ def outlier_dimensions(
         raise InputError("the points have zero variance, so variance shares are undefined.")
     top, idx = torch.topk(var, k)
     return idx, top / total
+
+
+# ---------------------------------------------------------------------------------- by layer, streamed
+
+#: Sites whose activations are residual-stream states: the ``final_norm`` frame applies only to these.
+RESIDUAL_SITES = ("embed", "resid_pre", "resid_mid", "resid_post")
+#: Frames :func:`isotropy_by_layer` supports (see :mod:`vsem_lens.lenses`).
+ISOTROPY_FRAMES = ("raw", "final_norm")
+#: Shrinkage targets for IsoScore* in :func:`isotropy_by_layer`.
+STAR_REFERENCES = ("scaled_identity", "identity")
+
+# Float64 elements per stacked [group, token, d] buffer folded in one batched matmul (~64 MiB).
+_FOLD_ELEMENTS = 8 * 2**20
+
+
+class IsotropyState:
+    """Streaming, mergeable isotropy statistics of many (site, layer, frame) point clouds at once.
+
+    For every key ``(site, layer, frame)`` it keeps the token count, the float64 mean [d], the centred
+    scatter matrix [d, d] (the :class:`~vsem_lens.stats.Moments` state) and the float64 sum of unit
+    vectors [d] (the :class:`CosineAccumulator` state): O(d^2) memory per key, whatever the corpus size.
+    Keys are stored stacked, so one batch is folded in with a few batched matmuls (all layers of a
+    (site, frame) at once, Chan et al.'s pairwise update accumulated in place with ``baddbmm``) rather
+    than one small matmul per layer.
+
+    Reduce states computed on different shards (processes, ranks) with :meth:`merge`; move them between
+    processes with :meth:`state_dict` / :meth:`from_state_dict` (plain tensors, e.g. for
+    ``torch.distributed.all_gather_object``). The result does not depend on how tokens were split into
+    batches or shards (up to float64 rounding).
+
+    Args:
+        keys: the ``(site, layer, frame)`` triples to track; ``frame`` in ``raw`` / ``final_norm``
+            (``final_norm`` only for residual sites, see :data:`RESIDUAL_SITES`).
+        d_model: width of the points.
+        final_norm: the function applying the model's final norm (``model.final_norm``); needed by
+            :meth:`update` when a ``final_norm`` key is tracked, not by :meth:`merge`/:meth:`result`.
+
+    Example:
+        >>> state = IsotropyState.for_model(model, layers=[0, 5])                  # doctest: +SKIP
+        >>> for batch in iter_capture(model, corpus, layers=state.layers):          # doctest: +SKIP
+        ...     state.update(batch)
+        >>> state.result().head()                                                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[tuple[str, int, str]],
+        d_model: int,
+        *,
+        final_norm: Any = None,
+    ) -> None:
+        keys = [(str(s), int(layer), str(f)) for s, layer, f in keys]
+        if not keys:
+            raise InputError("IsotropyState needs at least one (site, layer, frame) key.")
+        if len(set(keys)) != len(keys):
+            raise InputError("IsotropyState keys must be distinct (site, layer, frame) triples.")
+        for site, _, frame in keys:
+            _check_site_frame(site, frame)
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 2:
+            raise InputError(f"d_model must be an integer >= 2, got {d_model!r}.")
+        # Order keys by (site, frame, layer) so every (site, frame) group is a contiguous slice.
+        order = {s: i for i, s in enumerate(("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"))}
+        self.keys: list[tuple[str, int, str]] = sorted(
+            keys, key=lambda k: (order.get(k[0], 99), ISOTROPY_FRAMES.index(k[2]), k[1])
+        )
+        self.d_model = d_model
+        self.final_norm = final_norm
+        n = len(self.keys)
+        self.count = torch.zeros(n, dtype=torch.int64)
+        self.mean = torch.zeros(n, d_model, dtype=torch.float64)
+        self.m2 = torch.zeros(n, d_model, d_model, dtype=torch.float64)
+        self.cos_total = torch.zeros(n, d_model, dtype=torch.float64)
+        self._groups = self._make_groups()
+
+    @classmethod
+    def for_model(
+        cls,
+        model: HookedModel,
+        *,
+        sites: str | Sequence[str] = ("resid_post",),
+        frames: str | Sequence[str] = ISOTROPY_FRAMES,
+        layers: int | Sequence[int] | None = None,
+    ) -> "IsotropyState":
+        """An empty state for ``model``'s sites x layers x frames (``final_norm`` on residual sites only).
+
+        Example:
+            >>> IsotropyState.for_model(model, sites=("resid_post", "mlp_out"), layers=[3]).keys  # doctest: +SKIP
+            [('resid_post', 3, 'raw'), ('resid_post', 3, 'final_norm'), ('mlp_out', 3, 'raw')]
+        """
+        from .capture import check_layers, check_sites
+
+        sites = check_sites(sites)
+        frames = _check_frames(frames)
+        layer_list = check_layers(layers, model.n_layers)
+        keys = []
+        for site in sites:
+            usable = [f for f in frames if f == "raw" or site in RESIDUAL_SITES]
+            if not usable:
+                raise InputError(
+                    f"site {site!r} is a block output, not a residual state, so the 'final_norm' frame does "
+                    f"not apply to it (the final norm rescales the whole residual); add 'raw' to frames."
+                )
+            for frame in usable:
+                for layer in [0] if site == "embed" else layer_list:
+                    keys.append((site, layer, frame))
+        return cls(keys, model.d_model, final_norm=model.final_norm)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites tracked, in key order."""
+        return list(dict.fromkeys(k[0] for k in self.keys))
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers a capture must provide (the union over non-embed sites; ``[0]`` if only embed)."""
+        return sorted({k[1] for k in self.keys if k[0] != "embed"}) or [0]
+
+    def _make_groups(self) -> list[tuple[str, str, int, int, list[int]]]:
+        """Contiguous (site, frame, start, stop, layers) slices of :attr:`keys`."""
+        groups: list[tuple[str, str, int, int, list[int]]] = []
+        start = 0
+        for i in range(1, len(self.keys) + 1):
+            if i == len(self.keys) or self.keys[i][::2] != self.keys[start][::2]:
+                site, _, frame = self.keys[start]
+                groups.append((site, frame, start, i, [k[1] for k in self.keys[start:i]]))
+                start = i
+        return groups
+
+    # ------------------------------------------------------------------ accumulation
+
+    def update(self, batch: ActivationBatch) -> "IsotropyState":
+        """Fold one :class:`~vsem_lens.capture.ActivationBatch` in (padding is already removed); returns self.
+
+        The batch must hold every tracked site and layer (capture with ``sites=state.sites,
+        layers=state.layers``).
+
+        Example:
+            >>> for batch in iter_capture(model, corpus, layers=state.layers):  # doctest: +SKIP
+            ...     state.update(batch)
+        """
+        for site, frame, start, stop, layers in self._groups:
+            if site not in batch.acts:
+                raise InputError(
+                    f"the batch has no {site!r} activations; capture with sites={tuple(self.sites)}."
+                )
+            acts = batch.acts[site]
+            batch_layers = [0] if site == "embed" else list(batch.layers)
+            missing = sorted(set(layers) - set(batch_layers))
+            if missing:
+                raise InputError(f"the batch lacks {site} layers {missing}; capture with layers={self.layers}.")
+            slots = [batch_layers.index(layer) for layer in layers]
+            points = acts if slots == list(range(acts.shape[0])) else acts[slots]
+            self.update_points(site, frame, layers, points)
+        return self
+
+    def update_points(
+        self, site: str, frame: str, layers: Sequence[int], points: Float[Tensor, "layer token d_model"]
+    ) -> "IsotropyState":
+        """Fold raw activations of one site (layer by layer, [layer, token, d_model]) into ``frame``'s keys.
+
+        ``points`` are the *raw* activations; the ``final_norm`` frame applies the final norm here.
+
+        Example:
+            >>> state.update_points("resid_post", "raw", [0, 5], acts["resid_post"])  # doctest: +SKIP
+        """
+        index = {k: i for i, k in enumerate(self.keys)}
+        try:
+            slots = [index[(site, int(layer), frame)] for layer in layers]
+        except KeyError as exc:
+            raise InputError(f"key {exc.args[0]} is not tracked by this state; tracked: {self.keys}.") from None
+        points = _as_tensor(points, "points")
+        if points.ndim != 3 or points.shape[0] != len(slots) or points.shape[2] != self.d_model:
+            raise InputError(
+                f"points must be [layer={len(slots)}, token, d_model={self.d_model}], got {tuple(points.shape)}."
+            )
+        n_tok = points.shape[1]
+        if n_tok == 0:
+            return self
+        if frame == "final_norm" and self.final_norm is None:
+            raise InputError("this state has no final_norm function; build it with IsotropyState.for_model(model).")
+        step = max(1, _FOLD_ELEMENTS // max(1, n_tok * self.d_model))
+        for a in range(0, len(slots), step):
+            chunk = points[a : a + step].detach()
+            if frame == "final_norm":
+                with torch.no_grad():
+                    chunk = self.final_norm(chunk)
+            # Contiguous runs of slots map to slices of the stacked state (always the case when called
+            # from update(), whose layers follow key order).
+            idx = slots[a : a + step]
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                self._fold(slice(idx[0], idx[0] + len(idx)), chunk)
+            else:
+                for j, slot in enumerate(idx):
+                    self._fold(slice(slot, slot + 1), chunk[j : j + 1])
+        return self
+
+    def _fold(self, where: slice, x: Tensor) -> None:
+        """Chan et al. update of keys ``where`` with points x [g, T, d], in place, in float64."""
+        x = x.to(device=self.mean.device, dtype=torch.float64, copy=True)
+        n_b = x.shape[1]
+        mean_b = x.mean(dim=1)  # [g, d]
+        norms = torch.linalg.vector_norm(x, dim=2)  # [g, T]
+        if not bool(torch.isfinite(mean_b).all()) or not bool(torch.isfinite(norms).all()):
+            raise NumericalError(
+                "activations contain NaN or inf; check the model's dtype (float16 overflows are common: "
+                "load it with dtype=torch.float32)."
+            )
+        if not bool((norms > 0).all()):
+            raise InputError(
+                f"{int((norms == 0).sum())} zero activation vector(s): their cosine is undefined; "
+                "this site is all zeros for some tokens, so analyse another site."
+            )
+        # Sum of unit vectors as one batched [1, T] x [T, d] product per key (no [g, T, d] temporary).
+        self.cos_total[where] += torch.bmm(norms.reciprocal().unsqueeze(1), x).squeeze(1)
+        n_a = self.count[where].to(torch.float64)  # [g]
+        n = n_a + n_b
+        delta = mean_b - self.mean[where]
+        m2 = self.m2[where]  # a view: updated in place
+        xc = x.sub_(mean_b.unsqueeze(1))
+        m2.baddbmm_(xc.transpose(1, 2), xc)
+        coef = (n_a * n_b / n).reshape(-1, 1, 1)
+        m2.baddbmm_(delta.unsqueeze(2) * coef, delta.unsqueeze(1))
+        self.mean[where] += delta * (n_b / n).unsqueeze(1)
+        self.count[where] += n_b
+
+    def merge(self, other: "IsotropyState") -> "IsotropyState":
+        """Fold another state with the same keys in place (exact pairwise combination); returns self.
+
+        Example:
+            >>> total = states[0].copy()                  # doctest: +SKIP
+            >>> for s in states[1:]: total.merge(s)       # doctest: +SKIP
+        """
+        if not isinstance(other, IsotropyState):
+            raise InputError(f"IsotropyState.merge expects another IsotropyState, got {type(other).__name__}.")
+        if other.keys != self.keys or other.d_model != self.d_model:
+            raise InputError(
+                "cannot merge isotropy states tracking different (site, layer, frame) keys or widths; "
+                "build every shard's state with the same sites, layers and frames."
+            )
+        n_a = self.count.to(torch.float64)
+        n_b = other.count.to(torch.float64)
+        n = n_a + n_b
+        safe = n.clamp_min(1.0)
+        delta = other.mean - self.mean
+        coef = (n_a * n_b / safe).reshape(-1, 1, 1)
+        self.m2 += other.m2 + delta.unsqueeze(2) * delta.unsqueeze(1) * coef
+        self.mean += delta * (n_b / safe).unsqueeze(1)
+        self.cos_total += other.cos_total
+        self.count += other.count
+        return self
+
+    def copy(self) -> "IsotropyState":
+        """An independent copy (sharing the final-norm function).
+
+        Example:
+            >>> state.copy().merge(state).count[0] == 2 * state.count[0]  # doctest: +SKIP
+            tensor(True)
+        """
+        new = IsotropyState(self.keys, self.d_model, final_norm=self.final_norm)
+        new.count, new.mean = self.count.clone(), self.mean.clone()
+        new.m2, new.cos_total = self.m2.clone(), self.cos_total.clone()
+        return new
+
+    # ------------------------------------------------------------------ views and results
+
+    def moments(self, site: str, layer: int, frame: str = "raw") -> Moments:
+        """The :class:`~vsem_lens.stats.Moments` of one key (a copy; symmetrised scatter matrix).
+
+        Example:
+            >>> isoscore(state.moments("resid_post", 5, "raw"))  # doctest: +SKIP
+        """
+        i = self._index(site, layer, frame)
+        m2 = self.m2[i]
+        return Moments.from_state_dict({"count": self.count[i].clone(), "mean": self.mean[i], "m2": 0.5 * (m2 + m2.T)})
+
+    def cosines(self, site: str, layer: int, frame: str = "raw") -> CosineAccumulator:
+        """The :class:`CosineAccumulator` of one key (a copy).
+
+        Example:
+            >>> average_cosine(state.cosines("resid_post", 5))  # doctest: +SKIP
+        """
+        i = self._index(site, layer, frame)
+        acc = CosineAccumulator(self.d_model)
+        acc.count, acc.total = int(self.count[i]), self.cos_total[i].clone()
+        return acc
+
+    def _index(self, site: str, layer: int, frame: str) -> int:
+        try:
+            return self.keys.index((site, int(layer), frame))
+        except ValueError:
+            raise InputError(f"({site!r}, {layer}, {frame!r}) is not tracked; tracked keys: {self.keys}.") from None
+
+    def result(
+        self, *, k_outliers: int = 5, zeta: float = 0.2, star_reference: str = "scaled_identity"
+    ) -> pd.DataFrame:
+        """The tidy table of :func:`isotropy_by_layer` for the statistics gathered so far.
+
+        Example:
+            >>> state.result(k_outliers=3).columns.tolist()[:4]  # doctest: +SKIP
+            ['layer', 'site', 'frame', 'n_tokens']
+        """
+        import pandas as pd
+
+        zeta = _check_result_options(k_outliers, zeta, star_reference, self.d_model)
+        rows = []
+        for site, layer, frame in self.keys:
+            n_tok = int(self.count[self._index(site, layer, frame)])
+            if n_tok < 2:
+                raise InputError(
+                    f"{site} layer {layer} ({frame}) has {n_tok} token(s); isotropy needs at least 2: "
+                    "give more or longer texts."
+                )
+            i = self._index(site, layer, frame)
+            # One symmetrised covariance per key feeds every measure (the same formulas as isoscore(),
+            # isoscore_star(), participation_ratio() and outlier_dimensions() on a Moments).
+            cov = (self.m2[i] + self.m2[i].T) * (0.5 / (n_tok - 1))
+            s1, s2 = _traces(cov)
+            if star_reference == "scaled_identity":
+                c0 = torch.eye(self.d_model, dtype=torch.float64) * (s1 / self.d_model)
+            else:
+                c0 = torch.eye(self.d_model, dtype=torch.float64)
+            var = torch.diagonal(cov)
+            share, idx = torch.topk(var / var.sum(), k_outliers)
+            rows.append(
+                {
+                    "layer": layer,
+                    "site": site,
+                    "frame": frame,
+                    "n_tokens": n_tok,
+                    "isoscore": float(_iota(cov)),
+                    "isoscore_star": float(_iota((1.0 - zeta) * cov + zeta * c0)),
+                    "average_cosine": self.cosines(site, layer, frame).value(),
+                    "participation_ratio": float(s1 * s1 / s2),
+                    "outlier_dims": idx.tolist(),
+                    "outlier_shares": share.tolist(),
+                    "outlier_variance_share": float(share.sum()),
+                }
+            )
+        df = pd.DataFrame(rows)
+        df.attrs.update({"zeta": zeta, "star_reference": star_reference, "k_outliers": k_outliers})
+        return df
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors plus the key list (picklable; no model reference).
+
+        Example:
+            >>> IsotropyState.from_state_dict(state.state_dict(), final_norm=model.final_norm)  # doctest: +SKIP
+        """
+        return {
+            "keys": [list(k) for k in self.keys],
+            "d_model": self.d_model,
+            "count": self.count.clone(),
+            "mean": self.mean.clone(),
+            "m2": self.m2.clone(),
+            "cos_total": self.cos_total.clone(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, final_norm: Any = None) -> "IsotropyState":
+        """Rebuild a state from :meth:`state_dict` output.
+
+        Example:
+            >>> s2 = IsotropyState.from_state_dict(state.state_dict())  # doctest: +SKIP
+        """
+        from .errors import ArtifactError
+
+        try:
+            new = cls([tuple(k) for k in state["keys"]], int(state["d_model"]), final_norm=final_norm)
+            tensors = {name: state[name] for name in ("count", "mean", "m2", "cos_total")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"not an IsotropyState state dict ({exc!r}); build it with state_dict().") from None
+        # The stored keys are already in canonical order, so tensors line up with new.keys.
+        if [tuple(k) for k in state["keys"]] != new.keys:
+            raise ArtifactError("the state dict's keys are not in canonical order; it was not made by state_dict().")
+        shapes = {"count": (len(new.keys),), "mean": tuple(new.mean.shape), "m2": tuple(new.m2.shape),
+                  "cos_total": tuple(new.cos_total.shape)}
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ArtifactError(f"IsotropyState {name} has shape {tuple(tensors[name].shape)}, expected {shape}.")
+        new.count = tensors["count"].to(torch.int64).clone()
+        new.mean = tensors["mean"].to(torch.float64).clone()
+        new.m2 = tensors["m2"].to(torch.float64).clone()
+        new.cos_total = tensors["cos_total"].to(torch.float64).clone()
+        return new
+
+    def __repr__(self) -> str:
+        return f"IsotropyState(keys={len(self.keys)}, d_model={self.d_model}, n_tokens={self.count.tolist()[:1]})"
+
+
+def _check_result_options(k_outliers: Any, zeta: Any, star_reference: Any, d_model: int) -> float:
+    zeta = _check_zeta(zeta)
+    if star_reference not in STAR_REFERENCES:
+        raise InputError(f"unknown star_reference {star_reference!r}; choose from {', '.join(STAR_REFERENCES)}.")
+    if isinstance(k_outliers, bool) or not isinstance(k_outliers, int) or not 1 <= k_outliers <= d_model:
+        raise InputError(f"k_outliers must be an integer between 1 and d_model={d_model}, got {k_outliers!r}.")
+    return zeta
+
+
+def _check_frames(frames: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(frames, str):
+        frames = (frames,)
+    frames = tuple(frames)
+    if not frames:
+        raise InputError(f"no frames were given; choose from {', '.join(ISOTROPY_FRAMES)}.")
+    for frame in frames:
+        if frame not in ISOTROPY_FRAMES:
+            hint = (
+                " (the tuned frame is not supported by isotropy analyses yet)" if frame == "tuned" else ""
+            )
+            raise InputError(f"unknown frame {frame!r}{hint}; choose from {', '.join(ISOTROPY_FRAMES)}.")
+    return tuple(dict.fromkeys(frames))
+
+
+def _check_site_frame(site: str, frame: str) -> None:
+    from .capture import SITES
+
+    if site not in SITES:
+        raise InputError(f"unknown site {site!r}; choose from {', '.join(SITES)}.")
+    _check_frames(frame)
+    if frame == "final_norm" and site not in RESIDUAL_SITES:
+        raise InputError(
+            f"the 'final_norm' frame applies to residual sites ({', '.join(RESIDUAL_SITES)}), not {site!r}; "
+            "use frame 'raw' for block outputs."
+        )
+
+
+def isotropy_by_layer(
+    model: HookedModel,
+    texts: str | Sequence[str],
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    frames: str | Sequence[str] = ISOTROPY_FRAMES,
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    k_outliers: int = 5,
+    zeta: float = 0.2,
+    star_reference: str = "scaled_identity",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Isotropy of the token states of every layer, streamed once over any corpus.
+
+    One pass of :func:`~vsem_lens.capture.iter_capture` feeds an :class:`IsotropyState` with a
+    float64 mean/covariance and a sum of unit vectors per (site, layer, frame): memory is O(d^2) per
+    key whatever the corpus size, and the result does not depend on ``batch_size``. Padding never
+    enters (capture removes it). Tokenisation follows the model's rule (see :mod:`vsem_lens.models`).
+
+    Frames: ``raw`` is the activation as captured; ``final_norm`` applies the model's own final norm to
+    each token vector (the logit-lens frame, where the semantic bases live). The final norm rescales a
+    whole residual state, so ``final_norm`` rows are produced for residual sites only (``embed``,
+    ``resid_pre``, ``resid_mid``, ``resid_post``); block outputs (``attn_out``, ``mlp_out``) get ``raw``
+    rows only, and asking for a block output with no applicable frame is an error.
+
+    IsoScore* (Rudman & Eickhoff 2024) shrinks the covariance towards a reference ``C0``:
+    ``Sigma = (1 - zeta) C + zeta C0``. Over a whole corpus the authors' data-driven ``C0`` (the
+    covariance of a large sample of token states) is ``C`` itself and would make IsoScore* equal to
+    IsoScore, so the default ``star_reference="scaled_identity"`` uses ``C0 = (trace(C)/d) I``: the
+    isotropic covariance with the same total variance (Ledoit-Wolf-style shrinkage). Unlike the plain
+    identity (``star_reference="identity"``, the ``isoscore`` package default), it keeps IsoScore*
+    invariant to the scale of the activations, so frames and layers with very different norms stay
+    comparable. IsoScore* is evaluated from the streamed covariance, without autograd.
+
+    Args:
+        model: a :class:`~vsem_lens.models.HookedModel`.
+        texts: one text or a list of texts.
+        sites: activation sites (see :mod:`vsem_lens.capture`).
+        frames: ``raw`` and/or ``final_norm``.
+        layers: layer indices (``None`` = all; negative count from the end).
+        batch_size, max_length, progress: as in :func:`~vsem_lens.capture.iter_capture`.
+        k_outliers: number of highest-variance coordinate dimensions to report.
+        zeta: IsoScore* shrinkage weight of ``C0``, in [0, 1].
+        star_reference: ``scaled_identity`` (default) or ``identity``: the ``C0`` of IsoScore*.
+
+    Returns:
+        A tidy DataFrame, one row per (site, frame, layer): ``layer, site, frame, n_tokens, isoscore,
+        isoscore_star, average_cosine, participation_ratio, outlier_dims`` (list of k indices, largest
+        variance first), ``outlier_shares`` (their variance shares) and ``outlier_variance_share``
+        (their sum). ``df.attrs`` records ``zeta``, ``star_reference`` and ``k_outliers``.
+
+    Raises:
+        InputError: unknown site or frame, bad layers, empty texts, fewer than 2 tokens.
+
+    Example:
+        >>> df = isotropy_by_layer(model, corpus, layers=[0, 15, 29])       # doctest: +SKIP
+        >>> df.query("frame == 'raw'")[["layer", "isoscore", "outlier_dims"]]  # doctest: +SKIP
+    """
+    from .capture import iter_capture
+
+    state = IsotropyState.for_model(model, sites=sites, frames=frames, layers=layers)
+    _check_result_options(k_outliers, zeta, star_reference, model.d_model)  # fail before the long pass
+    for batch in iter_capture(
+        model,
+        texts,
+        sites=state.sites,
+        layers=state.layers,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    ):
+        state.update(batch)
+    return state.result(k_outliers=k_outliers, zeta=zeta, star_reference=star_reference)
