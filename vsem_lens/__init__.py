@@ -67,3 +67,22 @@ __all__ += [
     "decomposition_by_layer",
     "isotropy_by_layer",
 ]
+
+# Semantic calibration: tasks, zero-shot prompt features, neural clustering heads, baselines.
+from .baselines import BaselineResult, run_baselines  # noqa: E402
+from .calibration import CalibratedModel, NeuralClusteringHead, classification_metrics  # noqa: E402
+from .datasets import TextClassificationTask, load_task, load_task_file  # noqa: E402
+from .features import Features, extract_features  # noqa: E402
+
+__all__ += [
+    "BaselineResult",
+    "CalibratedModel",
+    "Features",
+    "NeuralClusteringHead",
+    "TextClassificationTask",
+    "classification_metrics",
+    "extract_features",
+    "load_task",
+    "load_task_file",
+    "run_baselines",
+]
