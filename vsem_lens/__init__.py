@@ -68,6 +68,12 @@ __all__ += [
     "isotropy_by_layer",
 ]
 
+# The layerwise report (``vsem-lens report``) and corpus loading.
+from .corpus import load_corpus  # noqa: E402
+from .report import Report, build_report  # noqa: E402
+
+__all__ += ["Report", "build_report", "load_corpus"]
+
 # Semantic calibration: tasks, zero-shot prompt features, neural clustering heads, baselines.
 from .baselines import BaselineResult, run_baselines  # noqa: E402
 from .calibration import CalibratedModel, NeuralClusteringHead, classification_metrics  # noqa: E402

@@ -1,35 +1,148 @@
-"""``vsem-lens report``: layerwise semantic report (for now: a short layerwise summary of one text)."""
+"""``vsem-lens report``: the layerwise semantic report of a model over a corpus, as a self-contained folder.
+
+With no arguments: the embedded SmolLM2-135M-Instruct, the embedded default corpus, output in
+``./vsem-report`` (``index.html``, one CSV per table, ``summary.json``). The folder is written
+atomically: an interrupted run leaves an earlier report untouched.
+
+Example:
+    $ vsem-lens report
+    $ vsem-lens report --corpus my_texts.jsonl --layers 0,10,20,29 --lens-tokens 2048 --out my-report
+    $ vsem-lens report --text "The capital of France is" --max-tokens 4000 --quiet
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+
+from ..errors import InputError
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """Parse ``--layers``: ``all`` (or nothing) -> None; ``0,5,10`` (negative allowed) -> [0, 5, 10].
+
+    Example:
+        >>> parse_layers("0, 5,-1"), parse_layers("all")
+        ([0, 5, -1], None)
+    """
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    layers = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            layers.append(int(part))
+        except ValueError:
+            raise InputError(
+                f"--layers expects comma-separated layer indices such as 0,5,10 (negative counts from the end) "
+                f"or 'all'; {part!r} in {spec!r} is not an integer."
+            ) from None
+    return layers
+
+
+def parse_positive(spec: str, option: str, *, allow_all: bool = False) -> int | str:
+    """Parse a positive integer option (or ``all`` when allowed).
+
+    Example:
+        >>> parse_positive("2048", "--lens-tokens"), parse_positive("all", "--lens-tokens", allow_all=True)
+        (2048, 'all')
+    """
+    text = str(spec).strip().lower().replace("_", "")
+    if allow_all and text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        extra = " or 'all'" if allow_all else ""
+        raise InputError(f"{option} expects a positive integer{extra}, got {spec!r}.")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print a layerwise summary of one sentence: logit-lens and affinity top-1 per layer."""
-    from ..affinity import layerwise_affinity
+    """Load the model and corpus, build the report, write it; prints where it went."""
+    from ..corpus import load_corpus
+    from ..lenses import check_frame
     from ..models import load_model
+    from ..report import build_report
 
-    model = load_model(args.model)
-    text = args.text[0] if args.text else "The capital of France is"
-    df = layerwise_affinity(model, text, frame=args.frame, k=1)
-    last = df[df.position == df.position.max()]
-    print("report not built yet; layerwise summary of one text:")
-    print(f"{model!r}\nText: {text!r}  (final prediction: {last.final_token.iloc[0]!r}, frame: {args.frame})")
-    print(f"{'layer':>5}  {'logit lens top-1':<18} {'KL bits':>8} {'rank':>6}   {'affinity top-1':<18} {'rank':>6}")
-    for row in last.itertuples():
-        print(
-            f"{row.layer:>5}  {row.lens_top1!r:<18} {row.lens_kl_bits:>8.2f} {row.lens_final_rank:>6}   "
-            f"{row.affinity_top1!r:<18} {row.affinity_final_rank:>6}"
-        )
+    quiet = bool(args.quiet)
+    # Validate cheap options before loading anything.
+    check_frame(args.frame)
+    layers = parse_layers(args.layers)
+    max_tokens = parse_positive(args.max_tokens, "--max-tokens", allow_all=True)
+    lens_tokens = parse_positive(args.lens_tokens, "--lens-tokens", allow_all=True)
+    batch_size = parse_positive(args.batch_size, "--batch-size")
+    texts = load_corpus(args.corpus)
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"vsem-lens: {message}", file=sys.stderr, flush=True)
+
+    say(f"loading model {args.model!r} on {args.device}")
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+    load_seconds = time.perf_counter() - start
+    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {load_seconds:.1f} s")
+    report = build_report(
+        model,
+        texts,
+        frame=args.frame,
+        layers=layers,
+        max_tokens=None if max_tokens == "all" else max_tokens,
+        lens_tokens=lens_tokens,
+        examples=args.text or None,
+        batch_size=int(batch_size),
+        seed=args.seed,
+        progress=not quiet,
+        corpus_name=str(args.corpus),
+    )
+    report.add_timing("load_model", load_seconds)
+    out = report.save(args.out)
+    total = sum(v for k, v in report.summary["timings_s"].items() if k in ("load_model", "total (build_report)"))
+    tokens = report.summary["tokens"]
+    say(
+        f"report of {tokens['corpus_tokens']:,} tokens ({tokens['lens_tokens']:,} read out) written to "
+        f"{out}/index.html in {total:.1f} s, peak memory {report.summary['peak_rss_mib']:,.0f} MiB"
+    )
+    if quiet:
+        print(out / "index.html")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``report`` command."""
-    parser = sub.add_parser("report", help="layerwise semantic report")
-    parser.add_argument("--model", default="embedded", help="embedded | hub name | local dir | .gguf")
-    parser.add_argument("--text", action="append", default=[], help="example text (repeatable)")
-    parser.add_argument("--frame", default="final_norm", choices=["raw", "final_norm", "tuned"])
-    parser.add_argument("--out", default="vsem-report", help="output directory")
+    from ..report import DEFAULT_LENS_TOKENS, DEFAULT_MAX_TOKENS
+
+    parser = sub.add_parser(
+        "report",
+        help="layerwise semantic report (HTML + CSV + JSON)",
+        description="Layerwise semantic report of a model over a corpus: affinity maps, when the prediction "
+        "forms, isotropy, disentanglement, run card. Writes a self-contained folder (index.html opens offline).",
+    )
+    parser.add_argument("--model", default="embedded", help="embedded (default) | hub name | local HF dir | .gguf file")
+    parser.add_argument(
+        "--corpus", default="default", help="default (packaged corpus) | FILE.txt | FILE.jsonl (\"text\") | FILE.csv (\"text\")"
+    )
+    parser.add_argument(
+        "--text", action="append", default=[], metavar="TEXT",
+        help="example text for the affinity map (repeatable; default: the first corpus texts)",
+    )
+    parser.add_argument("--frame", default="final_norm", help="raw | final_norm (default) | tuned")
+    parser.add_argument("--layers", default="all", help="comma-separated layer indices, e.g. 0,5,10, or all (default)")
+    parser.add_argument(
+        "--max-tokens", default=str(DEFAULT_MAX_TOKENS), metavar="N",
+        help=f"token budget: whole texts until N tokens, or all (default {DEFAULT_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--lens-tokens", default=str(DEFAULT_LENS_TOKENS), metavar="N",
+        help=f"tokens sampled for the full-vocabulary readouts, or all (default {DEFAULT_LENS_TOKENS})",
+    )
+    parser.add_argument("--batch-size", default="8", metavar="B", help="texts per forward pass (default 8)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    parser.add_argument("--out", default="vsem-report", help="output directory (default ./vsem-report)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the token samples (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output; print only the report path")
     parser.set_defaults(func=run)

@@ -1,0 +1,164 @@
+"""Load a text corpus for the layerwise report: the packaged default corpus or a user file.
+
+Formats (chosen by the file extension):
+
+========== ===========================================================================
+``.txt``   one text per non-empty line (lines are stripped of their line break only)
+``.jsonl`` one JSON object per line with a string field ``"text"`` (blank lines skipped)
+``.csv``   a header row with a column named ``text`` (other columns are ignored)
+========== ===========================================================================
+
+``"default"`` is the embedded corpus shipped in the package (``vsem_lens/data/corpus.jsonl``, read
+with :mod:`importlib.resources`, so it works from a wheel or a zip). Errors are
+:class:`~vsem_lens.errors.VsemLensError` subclasses that name the file and, for malformed records,
+the line (JSONL) or row (CSV) number.
+
+Example:
+    >>> texts = load_corpus("default")          # doctest: +SKIP
+    >>> len(texts), texts[0][:30]               # doctest: +SKIP
+    (360, 'The river wound slowly through')
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from .errors import DataError, InputError
+
+DEFAULT_CORPUS = "corpus.jsonl"
+FORMATS = (".txt", ".jsonl", ".csv")
+
+
+def load_corpus(spec: str | os.PathLike = "default") -> list[str]:
+    """Read a corpus into a list of texts.
+
+    Args:
+        spec: ``"default"`` (the packaged corpus) or a path to a ``.txt``, ``.jsonl`` or ``.csv`` file.
+
+    Returns:
+        The texts, in file order (never empty; no text is empty or whitespace only).
+
+    Raises:
+        InputError: the file does not exist, is a directory, or has an unsupported extension.
+        DataError: the corpus is empty, or a record is malformed (the message gives its line/row).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "c.jsonl"
+        >>> _ = path.write_text('{"text": "Hello world."}\\n\\n{"text": "Second text."}\\n')
+        >>> load_corpus(path)
+        ['Hello world.', 'Second text.']
+    """
+    if isinstance(spec, str) and spec == "default":
+        return _parse("jsonl", default_corpus_text(), "the packaged default corpus")
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise InputError(f"corpus file {str(path)!r} does not exist; check the path (or use --corpus default).")
+    if path.is_dir():
+        raise InputError(f"corpus {str(path)!r} is a directory; pass a .txt, .jsonl or .csv file.")
+    if suffix not in FORMATS:
+        raise InputError(
+            f"corpus file {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; use .txt (one "
+            "text per line), .jsonl (a \"text\" field per line) or .csv (a \"text\" column)."
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read corpus file {str(path)!r}: {exc.strerror or exc}.") from None
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"corpus file {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8."
+        ) from None
+    return _parse(suffix[1:], content, repr(str(path)))
+
+
+def default_corpus_text() -> str:
+    """The raw JSONL content of the packaged default corpus.
+
+    Example:
+        >>> default_corpus_text().count("\\n") > 0   # doctest: +SKIP
+        True
+    """
+    resource = resources.files("vsem_lens").joinpath("data", DEFAULT_CORPUS)
+    try:
+        return resource.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"the packaged default corpus (vsem_lens/data/{DEFAULT_CORPUS}) is missing; reinstall vsem-lens "
+            "or pass --corpus FILE."
+        ) from None
+
+
+def _parse(kind: str, content: str, where: str) -> list[str]:
+    texts = {"txt": _parse_txt, "jsonl": _parse_jsonl, "csv": _parse_csv}[kind](content, where)
+    if not texts:
+        raise DataError(f"corpus {where} contains no texts; add at least one non-empty text.")
+    return texts
+
+
+def _parse_txt(content: str, where: str) -> list[str]:
+    return [line for line in content.splitlines() if line.strip()]
+
+
+def _parse_jsonl(content: str, where: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"corpus {where}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"corpus {where}, line {number}: expected a JSON object with a \"text\" field, got "
+                f"{type(record).__name__}."
+            )
+        if "text" not in record:
+            fields = ", ".join(map(str, record)) or "none"
+            raise DataError(f"corpus {where}, line {number}: no \"text\" field (fields: {fields}).")
+        text = record["text"]
+        if not isinstance(text, str):
+            raise DataError(f"corpus {where}, line {number}: \"text\" is a {type(text).__name__}, not a string.")
+        if not text.strip():
+            raise DataError(f"corpus {where}, line {number}: \"text\" is empty; remove the line.")
+        texts.append(text)
+    return texts
+
+
+def _parse_csv(content: str, where: str) -> list[str]:
+    reader = csv.reader(io.StringIO(content, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as exc:
+        raise DataError(f"corpus {where}, line 1: malformed CSV ({exc}).") from None
+    names = [name.strip() for name in header]
+    if "text" not in names:
+        shown = ", ".join(repr(n) for n in names) or "none"
+        raise DataError(f"corpus {where} has no \"text\" column (columns: {shown}); name the text column \"text\".")
+    column = names.index("text")
+    texts = []
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            line = reader.line_num
+            if column >= len(row):
+                raise DataError(f"corpus {where}, line {line}: the row has no \"text\" cell ({len(row)} cells).")
+            text = row[column]
+            if not text.strip():
+                raise DataError(f"corpus {where}, line {line}: the \"text\" cell is empty; remove the row.")
+            texts.append(text)
+    except csv.Error as exc:
+        raise DataError(f"corpus {where}, line {reader.line_num}: malformed CSV ({exc}).") from None
+    return texts
