@@ -92,3 +92,8 @@ __all__ += [
     "load_task_file",
     "run_baselines",
 ]
+
+# Tuned lenses: the 'tuned' frame (per-layer affine translators trained by KL to the final layer).
+from .tuned import TrainingConfig, TunedLens  # noqa: E402
+
+__all__ += ["TrainingConfig", "TunedLens"]

@@ -47,6 +47,13 @@ class Lens(ABC):
     def __call__(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
         return self.forward(h, layer)
 
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`~vsem_lens.errors.ArtifactError` if the lens does not belong to ``model``.
+
+        Parameter-free lenses fit any model; trained lenses (:class:`~vsem_lens.tuned.TunedLens`) check
+        the model's fingerprint.
+        """
+
     def save(self, path: Any) -> None:  # pragma: no cover - parameter-free lenses have nothing to save
         """Save the lens (parameter-free lenses need no file)."""
         raise InputError(f"the {self.frame!r} frame has no parameters to save.")
@@ -108,6 +115,8 @@ def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) ->
         RawLens()
     """
     if isinstance(frame, Lens):
+        if model is not None:
+            frame.check_model(model)
         return frame
     frame = check_frame(frame)
     if frame == "raw":
@@ -115,6 +124,8 @@ def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) ->
     if frame == "final_norm":
         return FinalNormLens(model)
     if lens is not None:
+        if model is not None:
+            lens.check_model(model)
         return lens
     from .tuned import find_cached_tuned_lens  # tuned lenses are optional; import lazily
 
@@ -122,7 +133,8 @@ def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) ->
     if cached is None:
         raise InputError(
             "frame 'tuned' needs a trained tuned lens for this model, and none was given or cached. "
-            "Train one with `vsem-lens lens train --model ...` (or vsem_lens.TunedLens.fit) and pass "
-            "it as lens=..., or use frame='final_norm'."
+            "Train one with `vsem-lens lens train --model ...` (it is then cached for this model and found "
+            "automatically), or with vsem_lens.TunedLens.fit(model, texts) and pass it as lens=... (or as "
+            "frame=); or use frame='final_norm'."
         )
     return cached
