@@ -62,8 +62,8 @@ def test_layerwise_affinity_matches_brute_force(tiny_model, frame):
 
 def test_chunking_and_batching_do_not_change_results(tiny_model):
     basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
-    a = list(vl.iter_layer_readouts(tiny_model, TEXTS, basis=basis, batch_size=3, token_chunk=512))
-    b = list(vl.iter_layer_readouts(tiny_model, TEXTS, basis=basis, batch_size=1, token_chunk=2))
+    a = list(vl.iter_layer_readouts(tiny_model, TEXTS, basis=basis, batch_size=3))
+    b = list(vl.iter_layer_readouts(tiny_model, TEXTS, basis=basis, batch_size=1, max_rows=2))
     for name in ("lens", "affinity"):
         for key in ("kl_bits", "final_rank", "top_ids"):
             left = a[0].readouts[name][key]

@@ -11,8 +11,9 @@ lens that maps ``h_l`` into the LM-head input space; ``final_norm`` by default).
 Readout statistics per (layer, token), compared with the model's final next-token distribution ``p``
 (its output logits at the same position): top-k tokens and scores, the rank of the final top-1 token
 (0 = also the lens's top-1), its probability under the lens, and ``KL(p || q_lens)`` in bits.
-Everything is computed over chunks of tokens, so memory is ``chunk x d_vocab`` per buffer and a
-[layers, tokens, vocab] tensor is never built.
+Everything is computed by :class:`ReadoutKernel` over chunks of ``tokens x layers`` rows (at most
+:data:`READOUT_MAX_ROWS`), so memory is one ``[rows, d_vocab]`` buffer and a [layers, tokens, vocab]
+tensor is never built.
 
 Example:
     >>> df = layerwise_affinity(model, "The capital of France is", k=3)  # doctest: +SKIP
@@ -92,43 +93,151 @@ class ReadoutBatch:
     readouts: dict[str, dict[str, Tensor]]
 
 
-def readout_statistics(
-    scores: Float[Tensor, "token d_vocab"],
-    final_logp: Float[Tensor, "token d_vocab"],
-    final_p: Float[Tensor, "token d_vocab"],
-    final_neg_entropy: Float[Tensor, " token"],
-    final_ids: Int[Tensor, " token"],
-    k: int,
-) -> dict[str, Tensor]:
-    """Statistics of one readout (scores = logits of a distribution) against the final distribution.
+#: Elements of the readout buffer ([rows, d_vocab] float32; 2**25 elements = 128 MiB).
+READOUT_BUFFER_ELEMENTS = 2**25
+#: Upper bound on rows per readout product (larger products barely run faster on CPU).
+READOUT_MAX_ROWS = 512
+#: Rows per post-processing sub-chunk (log-softmax, KL, rank): small enough to stay in the CPU caches.
+SUB_ROWS = 32
 
-    ``KL(p || softmax(scores)) = sum p log p - p . (scores - logsumexp(scores))``. ``scores`` is
-    overwritten (shifted by its logsumexp in place) to avoid another [token, vocab] buffer.
+
+class ReadoutKernel:
+    """Fused full-vocabulary readouts of every layer of a chunk of tokens (the hot loop of all readouts).
+
+    Per chunk of ``t`` tokens, the residuals of all layers are stacked token-major into
+    ``[t x layers, d]`` and multiplied into one preallocated ``[rows, vocab]`` buffer (a large,
+    compute-bound product); then, per sub-chunk of ~:data:`SUB_ROWS` rows that stays in the CPU
+    caches, an out-of-place log-softmax into a small buffer, one batched product with the final
+    distribution (cross-entropy, hence KL), and the rank as a comparison with the gathered target
+    score written over that small buffer and summed. This runs at close to the cost of the bare
+    products of the same shapes (``benchmarks/bench_core.py --only readouts``), where one pass per
+    statistic over a ``[tokens, vocab]`` buffer in DRAM costs about twice as much.
+
+    Memory: the ``[rows, vocab]`` buffer (at most :data:`READOUT_BUFFER_ELEMENTS` elements) plus a
+    ``[SUB_ROWS, vocab]`` one, whatever the corpus.
+
+    Args:
+        model: the hooked model (``W_U``, ``b_U``, ``final_norm``).
+        layers: the layers read out (validated by the caller).
+        readouts: ``{name: (kind, lens)}`` with kind ``"lens"`` (``lens(h) W_U + b_U``) or
+            ``"affinity"`` (cosine of ``lens(h)`` with the unit semantic bases).
+        unit_vectors: unit semantic basis vectors [d_vocab, d_model]; needed for affinity readouts.
 
     Example:
-        >>> s = torch.randn(3, 10); lp = torch.log_softmax(torch.randn(3, 10), -1)
-        >>> out = readout_statistics(s, lp, lp.exp(), (lp.exp() * lp).sum(-1), lp.argmax(-1), k=2)
-        >>> sorted(out)
-        ['final_prob', 'final_rank', 'final_score', 'kl_bits', 'top_ids', 'top_scores']
+        >>> kernel = ReadoutKernel(model, range(30), {"lens": ("lens", FinalNormLens(model))})  # doctest: +SKIP
+        >>> finals, values = kernel(resid, rows=list(range(30)), last=29, k=5)                 # doctest: +SKIP
+        >>> values["lens"]["kl_bits"].shape   # [token, layer]                                 # doctest: +SKIP
     """
-    del final_logp  # the identity above needs only p and its negative entropy
-    lse = torch.logsumexp(scores, dim=-1)
-    target = scores.gather(1, final_ids.unsqueeze(1)).squeeze(1)
-    rank = (scores > target.unsqueeze(1)).sum(dim=1)
-    top_scores, top_ids = scores.topk(k, dim=-1)
-    # p . (scores - lse) rather than p . scores - lse: the dominant terms are then near zero, which
-    # keeps float32 accumulation over the vocabulary accurate (KL of a distribution with itself ~1e-6).
-    log_q = scores.sub_(lse.unsqueeze(1))
-    cross = torch.bmm(final_p.unsqueeze(1), log_q.unsqueeze(2)).reshape(-1)
-    kl = (final_neg_entropy - cross).clamp_min(0.0) / LN2
-    return {
-        "top_ids": top_ids,
-        "top_scores": top_scores,
-        "final_rank": rank,
-        "final_prob": torch.exp(target - lse),
-        "final_score": target,
-        "kl_bits": kl,
-    }
+
+    def __init__(
+        self,
+        model: HookedModel,
+        layers: Sequence[int],
+        readouts: dict[str, tuple[str, Lens]],
+        *,
+        unit_vectors: Tensor | None = None,
+        max_rows: int = READOUT_MAX_ROWS,
+        buffer_elements: int = READOUT_BUFFER_ELEMENTS,
+    ) -> None:
+        for name, (kind, _) in readouts.items():
+            if kind not in READOUTS:
+                raise InputError(f"unknown readout kind {kind!r} for {name!r}; choose from {', '.join(READOUTS)}.")
+            if kind == "affinity" and unit_vectors is None:
+                raise InputError("affinity readouts need the unit semantic basis vectors (unit_vectors=...).")
+        self.layers = list(layers)
+        self.readouts = dict(readouts)
+        self.W_U = model.W_U
+        b_U = model.b_U
+        self.b_U = b_U if bool((b_U != 0).any()) else None  # skip a [rows, vocab] pass when there is no bias
+        self.unit_T = unit_vectors.T if unit_vectors is not None else None
+        self.final_norm = model.final_norm
+        self.d_vocab = model.d_vocab
+        rows = max(1, min(max_rows, buffer_elements // self.d_vocab))
+        #: Tokens per fused product (rows = tokens_per_chunk x layers).
+        self.tokens_per_chunk = max(1, rows // len(self.layers))
+        self._rows = self.tokens_per_chunk * len(self.layers)
+        self._buffers_: tuple[Tensor, Tensor] | None = None
+
+    def _buffers(self) -> tuple[Tensor, Tensor]:
+        if self._buffers_ is None:
+            make = lambda rows: torch.empty(rows, self.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)  # noqa: E731
+            sub_rows = max(1, SUB_ROWS // len(self.layers)) * len(self.layers)
+            self._buffers_ = (make(self._rows), make(min(self._rows, sub_rows)))
+        return self._buffers_
+
+    def release(self) -> None:
+        """Free the buffers (they are re-made on the next call)."""
+        self._buffers_ = None
+
+    @torch.no_grad()
+    def __call__(
+        self, x: Float[Tensor, "layer token d_model"], rows: Sequence[int], last: int, *, k: int = 0
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """Readouts of at most :attr:`tokens_per_chunk` tokens.
+
+        Args:
+            x: residuals; ``x[rows[i]]`` is layer ``layers[i]`` and ``x[last]`` the last layer.
+            k: top-k tokens to return (0: none).
+
+        Returns:
+            ``finals`` (``final_ids`` [t], ``final_entropy_bits`` [t]) and per readout name a dict of
+            [t, layer] tensors: ``rank`` (float64; strictly larger scores than the final top-1's),
+            ``prob``, ``kl_bits`` (KL(final || readout)), ``target_score`` (the final top-1's score;
+            a cosine for affinity) and, when ``k``, ``top_ids``/``top_scores`` [t, layer, k].
+        """
+        t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
+        if t > self.tokens_per_chunk:
+            raise InputError(f"at most {self.tokens_per_chunk} tokens per call, got {t}.")
+        final_logits = self.final_norm(x[last]) @ self.W_U
+        if self.b_U is not None:
+            final_logits += self.b_U
+        final_logp = torch.log_softmax(final_logits, dim=-1)
+        del final_logits
+        final_p = final_logp.exp()
+        neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(t)
+        final_ids = final_logp.argmax(dim=-1)
+        del final_logp
+        finals = {"final_ids": final_ids, "final_entropy_bits": -neg_entropy / LN2}
+        scores_buffer, small = self._buffers()
+        scores = scores_buffer[: t * n_layers]
+        sub_tokens = max(1, SUB_ROWS // n_layers)
+        target_index = final_ids.view(t, 1, 1).expand(t, n_layers, 1)
+        results: dict[str, dict[str, Tensor]] = {}
+        for name, (kind, lens) in self.readouts.items():
+            # Token-major rows [token, layer]: each token's final distribution applies to its L rows.
+            h = torch.stack([lens(x[row], layer) for row, layer in zip(rows, self.layers)], dim=1)
+            h = h.reshape(t * n_layers, -1).to(self.W_U.dtype)
+            if kind == "affinity":
+                h = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+                torch.mm(h, self.unit_T, out=scores)
+            elif self.b_U is not None:
+                torch.addmm(self.b_U, h, self.W_U, out=scores)
+            else:
+                torch.mm(h, self.W_U, out=scores)
+            grid = scores.view(t, n_layers, V)
+            target_score = grid.gather(2, target_index).squeeze(2)  # [t, L]
+            values: dict[str, Tensor] = {}
+            if k:
+                top_scores, top_ids = scores.topk(k, dim=-1)
+                values["top_ids"] = top_ids.view(t, n_layers, k)
+                values["top_scores"] = top_scores.view(t, n_layers, k)
+            cross_parts, target_parts, rank_parts = [], [], []
+            for a in range(0, t, sub_tokens):
+                b = min(t, a + sub_tokens)
+                block = small[: (b - a) * n_layers]
+                torch.log_softmax(scores[a * n_layers : b * n_layers], dim=-1, out=block)
+                block_grid = block.view(b - a, n_layers, V)
+                target_parts.append(block_grid.gather(2, target_index[a:b]).squeeze(2))
+                cross_parts.append(torch.bmm(block_grid, final_p[a:b].unsqueeze(2)).squeeze(2))
+                # Rank = number of strictly larger scores, counted as a float sum over the small buffer.
+                rank_parts.append(torch.gt(grid[a:b], target_score[a:b].unsqueeze(2), out=block_grid).sum(dim=2))
+            cross = torch.cat(cross_parts)  # sum_v p_v log q_v, [t, L]
+            values["rank"] = torch.cat(rank_parts).to(torch.float64)
+            values["prob"] = torch.cat(target_parts).exp()
+            values["kl_bits"] = (neg_entropy.unsqueeze(1) - cross).clamp_min(0.0) / LN2
+            values["target_score"] = target_score
+            results[name] = values
+        return finals, results
 
 
 class LayerReadout:
@@ -137,7 +246,8 @@ class LayerReadout:
     Build it once, then call it on each :class:`~vsem_lens.capture.ActivationBatch` whose ``resid_post``
     covers :attr:`capture_layers` (the requested layers plus the last one, which gives the final
     distribution). A streaming analysis that already captures residuals for other statistics can
-    reuse its batches instead of running the model again, optionally on a subset of tokens.
+    reuse its batches instead of running the model again, optionally on a subset of tokens. The work
+    is done by a :class:`ReadoutKernel` (tested against a dense float64 computation).
 
     Example:
         >>> readout = LayerReadout(model, basis=basis, k=3)                      # doctest: +SKIP
@@ -154,15 +264,15 @@ class LayerReadout:
         layers: int | Sequence[int] | None = None,
         readouts: Sequence[str] = READOUTS,
         k: int = 5,
-        token_chunk: int = 512,
+        max_rows: int = READOUT_MAX_ROWS,
     ):
         for name in readouts:
             if name not in READOUTS:
                 raise InputError(f"unknown readout {name!r}; choose from {', '.join(READOUTS)}.")
         if not 1 <= k <= model.d_vocab:
             raise InputError(f"k must be between 1 and {model.d_vocab}, got {k}.")
-        if token_chunk < 1:
-            raise InputError(f"token_chunk must be at least 1, got {token_chunk}.")
+        if max_rows < 1:
+            raise InputError(f"max_rows must be at least 1, got {max_rows}.")
         if basis is None and "affinity" in readouts:
             basis = SemanticBasis.from_model(model, frame=frame if isinstance(frame, str) else "final_norm")
         if frame is None:
@@ -172,62 +282,54 @@ class LayerReadout:
         self.frame = self.lens.frame
         self.readouts = tuple(readouts)
         self.k = k
-        self.token_chunk = token_chunk
         self.layers = check_layers(layers, model.n_layers)
         self.capture_layers = sorted(set(self.layers) | {model.n_layers - 1})
-        self._unit = basis.unit_vectors if basis is not None else None
-        self._final_norm = resolve_frame("final_norm", model)
+        self.kernel = ReadoutKernel(
+            model,
+            self.layers,
+            {name: (name, self.lens) for name in self.readouts},
+            unit_vectors=basis.unit_vectors if basis is not None else None,
+            max_rows=max_rows,
+        )
 
     def __call__(self, batch: ActivationBatch, select: Tensor | None = None) -> ReadoutBatch:
         """Readouts of one captured batch; ``select`` (bool [token]) restricts them to some tokens."""
         if not set(self.capture_layers) <= set(batch.layers):
             raise InputError(f"the batch lacks layers {sorted(set(self.capture_layers) - set(batch.layers))}.")
         resid = batch.acts["resid_post"]
-        index = {layer: batch.layers.index(layer) for layer in self.capture_layers}
+        index = {layer: i for i, layer in enumerate(batch.layers)}
+        rows, last = [index[layer] for layer in self.layers], index[self.model.n_layers - 1]
         doc_index, positions, token_ids = batch.doc_index, batch.positions, batch.token_ids
         if select is not None:
             resid = resid[:, select.to(resid.device)]
             doc_index, positions, token_ids = doc_index[select], positions[select], token_ids[select]
-        W_U, b_U, last = self.model.W_U, self.model.b_U, self.model.n_layers - 1
-        stats: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
-        final_ids_parts, entropy_parts = [], []
-        with torch.no_grad():
-            for start in range(0, resid.shape[1], self.token_chunk):
-                chunk = resid[:, start : start + self.token_chunk]
-                final_logits = self._final_norm(chunk[index[last]], last) @ W_U + b_U
-                final_logp = torch.log_softmax(final_logits, dim=-1)
-                final_p = final_logp.exp()
-                neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(-1)
-                final_ids = final_logits.argmax(dim=-1)
-                del final_logits
-                final_ids_parts.append(final_ids)
-                entropy_parts.append(-neg_entropy / LN2)
-                per_layer: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
-                for layer in self.layers:
-                    h = self.lens(chunk[index[layer]], layer)
-                    for name in self.readouts:
-                        if name == "lens":
-                            scores = h @ W_U + b_U
-                        else:
-                            h_unit = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-                            scores = h_unit @ self._unit.T
-                        out = readout_statistics(scores, final_logp, final_p, neg_entropy, final_ids, self.k)
-                        del scores
-                        for key, value in out.items():
-                            per_layer[name].setdefault(key, []).append(value)
-                for name in self.readouts:
-                    for key, values in per_layer[name].items():
-                        stats[name].setdefault(key, []).append(torch.stack(values))
+        step = self.kernel.tokens_per_chunk
+        finals: dict[str, list[Tensor]] = {}
+        parts: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
+        for start in range(0, resid.shape[1], step):
+            chunk_finals, values = self.kernel(resid[:, start : start + step], rows, last, k=self.k)
+            for key, value in chunk_finals.items():
+                finals.setdefault(key, []).append(value)
+            for name, by_key in values.items():
+                for key, value in by_key.items():
+                    parts[name].setdefault(key, []).append(value)
+        renamed = {"rank": "final_rank", "prob": "final_prob", "target_score": "final_score", "kl_bits": "kl_bits",
+                   "top_ids": "top_ids", "top_scores": "top_scores"}
         readout_tensors = {
-            name: {key: torch.cat(parts, dim=1) for key, parts in by_key.items()} for name, by_key in stats.items()
+            # [token, layer, ...] chunks -> [layer, token, ...]
+            name: {renamed[key]: torch.cat(chunks).transpose(0, 1).contiguous() for key, chunks in by_key.items()}
+            for name, by_key in parts.items()
         }
+        for by_key in readout_tensors.values():
+            by_key["final_rank"] = by_key["final_rank"].long()
+        empty = torch.empty(0)
         return ReadoutBatch(
             layers=self.layers,
             doc_index=doc_index,
             positions=positions,
             token_ids=token_ids,
-            final_ids=torch.cat(final_ids_parts),
-            final_entropy_bits=torch.cat(entropy_parts),
+            final_ids=torch.cat(finals["final_ids"]) if finals else empty.long(),
+            final_entropy_bits=torch.cat(finals["final_entropy_bits"]) if finals else empty,
             readouts=readout_tensors,
         )
 
@@ -243,17 +345,20 @@ def iter_layer_readouts(
     k: int = 5,
     batch_size: int = 8,
     max_length: int | None = None,
-    token_chunk: int = 512,
+    max_rows: int = READOUT_MAX_ROWS,
     progress: bool = False,
 ) -> Iterator[ReadoutBatch]:
     """Stream per-layer readout statistics batch by batch (see :func:`layerwise_affinity`).
+
+    ``max_rows`` bounds the rows (tokens x layers) of one fused product, hence the memory
+    (``max_rows x d_vocab`` floats); the results do not depend on it.
 
     Example:
         >>> for out in iter_layer_readouts(model, corpus, k=1):  # doctest: +SKIP
         ...     print(out.readouts["lens"]["kl_bits"].mean(dim=1))
     """
     readout = LayerReadout(
-        model, basis=basis, frame=frame, layers=layers, readouts=readouts, k=k, token_chunk=token_chunk
+        model, basis=basis, frame=frame, layers=layers, readouts=readouts, k=k, max_rows=max_rows
     )
     for batch in iter_capture(
         model, texts, layers=readout.capture_layers, batch_size=batch_size, max_length=max_length, progress=progress
