@@ -51,7 +51,7 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from .errors import InputError, NumericalError
-from .stats import Moments, _as_tensor
+from .stats import Moments, _as_tensor, select_points
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without the model stack
     import pandas as pd
@@ -351,18 +351,8 @@ class CosineAccumulator:
             >>> CosineAccumulator(2).update(torch.tensor([[3., 4.], [1., 0.]])).total.tolist()
             [1.6, 0.8]
         """
-        x = _as_tensor(x, "x")
-        if x.ndim == 0 or x.shape[-1] != self.dim:
-            raise InputError(f"expected points of shape [..., {self.dim}], got {tuple(x.shape)}.")
-        if mask is not None:
-            mask = _as_tensor(mask, "mask")
-            if tuple(mask.shape) != tuple(x.shape[:-1]):
-                raise InputError(
-                    f"mask shape {tuple(mask.shape)} does not match the leading shape of x "
-                    f"{tuple(x.shape[:-1])}; give one mask entry per point."
-                )
-            x = x[(mask != 0).to(x.device)]
-        x = x.detach().reshape(-1, self.dim).to(device=self.total.device, dtype=torch.float64)
+        x = select_points(x, mask, self.dim, who="CosineAccumulator.update")
+        x = x.to(device=self.total.device, dtype=torch.float64)
         if x.shape[0] == 0:
             return self
         norms = torch.linalg.vector_norm(x, dim=1)

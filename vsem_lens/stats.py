@@ -39,6 +39,41 @@ _FORMAT = "vsem_lens.Moments"
 _FORMAT_VERSION = "1"
 
 
+def select_points(
+    x: Any, mask: Any, dim: int, *, who: str
+) -> Float[Tensor, "n dim"]:
+    """The points of ``x`` [..., dim] where ``mask`` [...] is True/1, flattened to [n, dim] and detached.
+
+    Shared validation of the streaming accumulators: a clear :class:`InputError` for a wrong width,
+    complex values, or a mask that is not boolean/0-1 or does not match ``x``'s leading shape.
+
+    Example:
+        >>> select_points(torch.ones(2, 3, 4), torch.tensor([[1, 0, 1], [0, 0, 1]]), 4, who="demo").shape
+        torch.Size([3, 4])
+    """
+    x = _as_tensor(x, "x")
+    if x.ndim == 0 or x.shape[-1] != dim:
+        raise InputError(
+            f"{who} expected points of shape [..., {dim}], got {tuple(x.shape)}; "
+            f"pass activations whose last dimension is {dim}."
+        )
+    if x.dtype.is_complex:
+        raise InputError(f"{who} needs real-valued points, got dtype {x.dtype}.")
+    if mask is not None:
+        mask = _as_tensor(mask, "mask")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise InputError(
+                f"mask shape {tuple(mask.shape)} does not match the leading shape of x "
+                f"{tuple(x.shape[:-1])}; give one mask entry per point."
+            )
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise InputError("mask must be boolean or contain only 0 and 1 (1 = keep the point).")
+            mask = mask != 0
+        x = x[mask.to(x.device)]  # boolean indexing flattens the leading dims
+    return x.detach().reshape(-1, dim)  # statistics are not differentiable
+
+
 class Moments:
     """Running count, mean and centred scatter matrix of ``dim``-dimensional points.
 
@@ -91,27 +126,7 @@ class Moments:
             >>> Moments(2).update(x, mask).mean.tolist()
             [3.0, 4.0]
         """
-        x = _as_tensor(x, "x")
-        if x.ndim == 0 or x.shape[-1] != self.dim:
-            raise InputError(
-                f"Moments.update expected points of shape [..., {self.dim}], got {tuple(x.shape)}; "
-                f"pass activations whose last dimension is the Moments dimension ({self.dim})."
-            )
-        if x.dtype.is_complex:
-            raise InputError(f"Moments.update needs real-valued points, got dtype {x.dtype}.")
-        if mask is not None:
-            mask = _as_tensor(mask, "mask")
-            if tuple(mask.shape) != tuple(x.shape[:-1]):
-                raise InputError(
-                    f"mask shape {tuple(mask.shape)} does not match the leading shape of x "
-                    f"{tuple(x.shape[:-1])}; give one mask entry per point."
-                )
-            if mask.dtype != torch.bool:
-                if not bool(((mask == 0) | (mask == 1)).all()):
-                    raise InputError("mask must be boolean or contain only 0 and 1 (1 = keep the point).")
-                mask = mask != 0
-            x = x[mask.to(x.device)]  # boolean indexing flattens the leading dims
-        x = x.detach().reshape(-1, self.dim)  # statistics are not differentiable
+        x = select_points(x, mask, self.dim, who="Moments.update")
         if x.shape[0] == 0:
             return self
         # Convert only the selected points, so masked-out padding costs no float64 memory. Always copy:
