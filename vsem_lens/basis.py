@@ -75,6 +75,44 @@ def pinv_by_gram(
     return U @ torch.cholesky_inverse(chol)
 
 
+def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, warn: bool = True) -> list[int]:
+    """Label-token id of each word: the last sub-token of ``" " + word`` (Gu et al.'s rule).
+
+    One rule for the whole package (semantic bases of words, calibration label tokens). A word that
+    splits into several tokens triggers a warning: its basis is then that of its last piece only.
+
+    Raises:
+        VocabularyError: an empty word, a word that maps to the unknown token, or an id >= ``d_vocab``.
+
+    Example:
+        >>> word_token_ids(model.tokenizer, ["Paris"], model.d_vocab)  # doctest: +SKIP
+        [7042]
+    """
+    if isinstance(words, str):
+        words = [words]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = []
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise VocabularyError(f"{word!r} is not a word; pass non-empty strings.")
+        pieces = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        if not pieces or (unk is not None and pieces[-1] == unk):
+            raise VocabularyError(
+                f"word {word!r} is not in the vocabulary (it maps to the unknown token); choose another word."
+            )
+        if len(pieces) > 1 and warn:
+            strings = [tokenizer.decode([p]) for p in pieces]
+            warnings.warn(
+                f"word {word!r} is {len(pieces)} tokens {strings}; its token is the last one "
+                f"{strings[-1]!r}. Prefer a single-token word.",
+                stacklevel=3,
+            )
+        if pieces[-1] >= d_vocab:
+            raise VocabularyError(f"word {word!r} maps to id {pieces[-1]} outside the vocabulary (d_vocab={d_vocab}).")
+        ids.append(int(pieces[-1]))
+    return ids
+
+
 class SemanticBasis:
     """Semantic basis vectors of a model's vocabulary, tied to a frame.
 
@@ -204,31 +242,7 @@ class SemanticBasis:
             >>> basis.token_ids_for_words(["Paris"])  # doctest: +SKIP
             [7042]
         """
-        tokenizer = self._require_model().tokenizer
-        if isinstance(words, str):
-            words = [words]
-        ids = []
-        for word in words:
-            if not isinstance(word, str) or not word.strip():
-                raise VocabularyError(f"{word!r} is not a word; pass non-empty strings.")
-            pieces = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if not pieces or (unk is not None and pieces[-1] == unk):
-                raise VocabularyError(
-                    f"word {word!r} is not in the vocabulary (it maps to the unknown token); "
-                    "choose another label word."
-                )
-            if len(pieces) > 1 and warn:
-                strings = [tokenizer.decode([p]) for p in pieces]
-                warnings.warn(
-                    f"label word {word!r} is {len(pieces)} tokens {strings}; its basis is that of the "
-                    f"last token {strings[-1]!r}. Prefer a single-token word.",
-                    stacklevel=2,
-                )
-            if pieces[-1] >= self.d_vocab:
-                raise VocabularyError(f"word {word!r} maps to id {pieces[-1]} outside the basis.")
-            ids.append(int(pieces[-1]))
-        return ids
+        return word_token_ids(self._require_model().tokenizer, words, self.d_vocab, warn=warn)
 
     def for_words(self, words: str | Sequence[str]) -> Float[Tensor, "n d_model"]:
         """Basis vectors of label words (last sub-token of ``" " + word``; see :meth:`token_ids_for_words`).

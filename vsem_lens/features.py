@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .basis import word_token_ids
 from .capture import check_layers, hook_name
 from .datasets import TextClassificationTask
 from .errors import InputError, NumericalError, VocabularyError
@@ -105,25 +106,7 @@ def label_token_ids(model: HookedModel, words: Sequence[str], *, warn: bool = Tr
         >>> label_token_ids(model, ["positive", "negative"])  # doctest: +SKIP
         [2731, 3524]
     """
-    ids = []
-    tokenizer = model.tokenizer
-    for word in words:
-        if not isinstance(word, str) or not word.strip():
-            raise VocabularyError(f"{word!r} is not a label word; pass non-empty strings.")
-        pieces = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if not pieces or (unk is not None and pieces[-1] == unk):
-            raise VocabularyError(f"label word {word!r} is not in the vocabulary; choose another word.")
-        if len(pieces) > 1 and warn:
-            strings = [tokenizer.decode([p]) for p in pieces]
-            warnings.warn(
-                f"label word {word!r} is {len(pieces)} tokens {strings}; its label token is the last one "
-                f"{strings[-1]!r}. Prefer a single-token word.",
-                stacklevel=2,
-            )
-        if pieces[-1] >= model.d_vocab:
-            raise VocabularyError(f"label word {word!r} maps to id {pieces[-1]} outside the unembedding.")
-        ids.append(int(pieces[-1]))
+    ids = word_token_ids(model.tokenizer, words, model.d_vocab, warn=warn)
     if len(set(ids)) != len(ids):
         raise VocabularyError(f"two label words share a label token ({dict(zip(words, ids))}); choose distinct words.")
     return ids
