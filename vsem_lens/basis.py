@@ -103,7 +103,7 @@ def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, 
         if len(pieces) > 1 and warn:
             strings = [tokenizer.decode([p]) for p in pieces]
             warnings.warn(
-                f"word {word!r} is {len(pieces)} tokens {strings}; its token is the last one "
+                f"word {word!r} is {len(pieces)} tokens {strings}; it is read as its last token "
                 f"{strings[-1]!r}. Prefer a single-token word.",
                 stacklevel=3,
             )
