@@ -105,3 +105,12 @@ def embedded():
     import vsem_lens as vl
 
     return vl.load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A fresh tiny Llama saved as an HF directory, for CLI tests (``--model DIR``)."""
+    path = tmp_path_factory.mktemp("tiny_model_dir")
+    make_tiny_hf(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

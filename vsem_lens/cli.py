@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .errors import VsemLensError
 
-COMMAND_MODULES = ("report", "lens", "calibrate")
+COMMAND_MODULES = ("report", "basis", "isotropy", "lens", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
