@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from _measure import PeakRSS, corpus_texts, interleaved_medians  # noqa: E402
+from _measure import corpus_texts, interleaved_medians  # noqa: E402
 
 
 def token_batch(model, n_texts: int, n_tok: int) -> torch.Tensor:

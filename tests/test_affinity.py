@@ -15,7 +15,6 @@ TEXTS = ["The capital of France is Paris.", "A cat sat on the mat", "Numbers lik
 def brute_force(model, basis, texts, frame_lens, k):
     """Reference: dense per-layer log-softmax, float64 KL, argsort ranks."""
     acts = vl.capture(model, texts)
-    resid = acts["resid_post"].double()
     W, b = model.W_U.double(), model.b_U.double()
     final = model.final_norm(acts["resid_post"][-1]).double() @ W + b
     logp = torch.log_softmax(final, -1)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ._io import atomic_write
 from .errors import ArtifactError, NumericalError, VocabularyError
 from .lenses import Lens, check_frame, resolve_frame
 from .models import HookedModel, cache_dir
@@ -308,13 +308,9 @@ class SemanticBasis:
             "dtype": str(self.vectors.dtype),
             "method": "pinv(W_U) = U (U^T U)^-1 via a float64 Cholesky inverse (Gu et al., arXiv 2401.16184)",
         }
-        tag = uuid.uuid4().hex[:8]
-        tmp_weights = path / f".basis-{tag}.safetensors"
-        tmp_meta = path / f".basis-{tag}.json"
-        save_file({"vectors": self.vectors.detach().cpu().contiguous()}, str(tmp_weights))
-        tmp_meta.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_weights, path / "basis.safetensors")
-        os.replace(tmp_meta, path / "basis.json")
+        vectors = {"vectors": self.vectors.detach().cpu().contiguous()}
+        atomic_write(path / "basis.safetensors", lambda tmp: save_file(vectors, str(tmp)))
+        atomic_write(path / "basis.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         return path
 
     @classmethod

@@ -69,7 +69,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -81,6 +80,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._io import atomic_write
 from .errors import ArtifactError, InputError, NumericalError
 
 FORMAT_VERSION = 1
@@ -536,13 +536,7 @@ class NeuralClusteringHead:
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
         }
-        tmp = path / f".checkpoint-{uuid.uuid4().hex[:8]}.pt"
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path / "checkpoint.pt")
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path / "checkpoint.pt", lambda tmp: torch.save(payload, tmp))
 
     def _load_checkpoint(self, run_id, optimizer, generator):
         path = self.checkpoint_dir / "checkpoint.pt"
@@ -637,17 +631,8 @@ class NeuralClusteringHead:
         }
         weights = {k: v.contiguous() for k, v in self._weights().items()}
         weights["label_bases"] = self.label_bases.contiguous()
-        tag = uuid.uuid4().hex[:8]
-        tmp_w, tmp_c = path / f".weights-{tag}.safetensors", path / f".config-{tag}.json"
-        try:
-            save_file(weights, str(tmp_w))
-            tmp_c.write_text(json.dumps(config, indent=2))
-            os.replace(tmp_w, path / "weights.safetensors")
-            os.replace(tmp_c, path / "config.json")
-        finally:
-            for tmp in (tmp_w, tmp_c):
-                if tmp.exists():
-                    tmp.unlink()
+        atomic_write(path / "weights.safetensors", lambda tmp: save_file(weights, str(tmp)))
+        atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         return path
 
     @classmethod

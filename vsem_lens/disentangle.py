@@ -126,6 +126,26 @@ class BasisCoherence:
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
 
+    def _repr_html_(self) -> str:
+        """Jupyter rendering: the summary table and the tokens at both leverage extremes."""
+        import html
+
+        summary_cols = [c for c in ("which", "n_vectors", "n_pairs", "mean_cos", "mean_abs_cos", "max_abs_cos",
+                                    "max_pair_tokens", "q50_abs_cos", "q99_abs_cos") if c in self.summary]
+        parts = [
+            f"<div><b>BasisCoherence</b> ({len(self.sample_ids)} sampled tokens, seed {self.seed}, "
+            f"d_model {self.d_model})",
+            self.summary[summary_cols].to_html(index=False, float_format=lambda v: f"{v:.4g}"),
+        ]
+        extremes = self.leverage_extremes
+        if len(extremes) and "end" in extremes:
+            for end in ("high", "low"):
+                rows = extremes[extremes["end"] == end].head(5)
+                tokens = ", ".join(f"{html.escape(repr(t))} ({v:.3f})" for t, v in zip(rows["token"], rows["leverage"]))
+                parts.append(f"<p>{end} leverage P<sub>ii</sub>: {tokens}</p>")
+        parts.append("</div>")
+        return "\n".join(parts)
+
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the tables (e.g. for JSON reports).
 
@@ -520,7 +540,7 @@ def affinity_sparsity_by_layer(
     lens = basis.lens if isinstance(frame, str) and frame == basis.frame else resolve_frame(frame, model)
     keys = ("entropy_bits", "topk_mass", "top1_prob", "top1_cosine")
     running = {key: _RunningScalars((len(layer_list), 2)) for key in keys}  # readout 0 affinity, 1 lens
-    W_U, b_U = model.W_U, model.b_U
+    W_U = model.W_U
     for batch in iter_capture(
         model, texts, layers=layer_list, batch_size=batch_size, max_length=max_length, progress=progress
     ):

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .basis import word_token_ids
 from .capture import check_layers, hook_name
 from .datasets import TextClassificationTask
@@ -353,18 +352,12 @@ def _safe(name: str) -> str:
 def _save(
     path: Path, tensors: dict[str, Tensor], key: str, task_name: str, layer: int, frame: str, seconds: float
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     meta = {
         "format": str(FORMAT_VERSION), "key": key, "task": task_name, "layer": str(layer), "frame": frame,
         "seconds": f"{seconds:.6f}",
     }
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load(path: Path, key: str) -> tuple[dict[str, Tensor], float] | None:

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ._common import CORPUS_HELP, add_model_arguments, load_model_from_args, messenger, parse_layers, parse_positive
 
