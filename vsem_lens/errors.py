@@ -13,28 +13,69 @@ from __future__ import annotations
 
 
 class VsemLensError(Exception):
-    """Base class of every error vsem-lens raises on purpose."""
+    """Base class of every error vsem-lens raises on purpose.
+
+    Example:
+        >>> try:
+        ...     raise InputError("max_tokens must be positive")
+        ... except VsemLensError as exc:
+        ...     print(f"vsem-lens: error: {exc}")
+        vsem-lens: error: max_tokens must be positive
+    """
 
 
 class ModelLoadError(VsemLensError):
-    """A model could not be found, read or booted (bad name, offline, corrupt file, missing package)."""
+    """A model could not be found, read or booted (bad name, offline, corrupt file, missing package).
+
+    Example:
+        >>> vl.load_model("no/such-model")      # doctest: +SKIP
+        Traceback (most recent call last):
+        ModelLoadError: ...
+    """
 
 
 class InputError(VsemLensError, ValueError):
-    """Bad user input: empty text, unknown site/frame/layer, text longer than the context, ..."""
+    """Bad user input: empty text, unknown site/frame/layer, text longer than the context, ...
+
+    Example:
+        >>> issubclass(InputError, ValueError)   # also catchable as a ValueError
+        True
+    """
 
 
 class VocabularyError(InputError):
-    """A word or token is not in the model's vocabulary."""
+    """A word or token is not in the model's vocabulary.
+
+    Example:
+        >>> issubclass(VocabularyError, InputError)
+        True
+    """
 
 
 class NumericalError(VsemLensError, ArithmeticError):
-    """NaN or infinite values where finite numbers are required."""
+    """NaN or infinite values where finite numbers are required.
+
+    Example:
+        >>> issubclass(NumericalError, ArithmeticError)
+        True
+    """
 
 
 class DataError(InputError):
-    """A data file (corpus, task, minimal pairs) is malformed; the message names the line."""
+    """A data file (corpus, task, minimal pairs) is malformed; the message names the line.
+
+    Example:
+        >>> vl.load_corpus("broken.jsonl")      # doctest: +SKIP
+        Traceback (most recent call last):
+        DataError: broken.jsonl line 3: ...
+    """
 
 
 class ArtifactError(VsemLensError):
-    """A saved artifact (basis, lens, head, statistics) is missing, corrupt or does not fit the model."""
+    """A saved artifact (basis, lens, head, statistics) is missing, corrupt or does not fit the model.
+
+    Example:
+        >>> vl.SemanticBasis.load("not-a-basis/")   # doctest: +SKIP
+        Traceback (most recent call last):
+        ArtifactError: ...
+    """

@@ -36,6 +36,15 @@ class Lens(ABC):
     """Maps a layer's residual into the final layer's frame (the LM-head input space or ``raw``).
 
     Subclasses implement :meth:`forward`; :meth:`save`/``load`` exist where a lens has parameters.
+
+    Example:
+        >>> import torch
+        >>> class Scaled(Lens):            # a custom frame: any map of residuals into the LM-head space
+        ...     frame = "scaled"
+        ...     def forward(self, h, layer):
+        ...         return 2 * h
+        >>> Scaled()(torch.ones(2), layer=0).tolist()
+        [2.0, 2.0]
     """
 
     frame: str = ""
