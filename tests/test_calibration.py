@@ -68,6 +68,9 @@ def test_training_is_deterministic_and_seeded():
     c = NeuralClusteringHead(bases, epochs=6, batch_size=16, seed=7).fit(X, y)
     assert all(torch.equal(v, b._weights()[k]) for k, v in a._weights().items())
     assert not torch.equal(a._weights()["module.mlp.0.weight"], c._weights()["module.mlp.0.weight"])
+    with torch.no_grad():  # fitting inside a caller's no_grad block trains the same head
+        d = NeuralClusteringHead(bases, epochs=6, batch_size=16).fit(X, y)
+    assert all(torch.equal(v, d._weights()[k]) for k, v in a._weights().items())
 
 
 def test_save_load_round_trip(tmp_path):

@@ -418,7 +418,8 @@ class NeuralClusteringHead:
             >>> head.predict(torch.eye(2, 8)).tolist()
             [0, 1]
         """
-        with torch_threads(self.num_threads):
+        # enable_grad: fitting must work when called inside a caller's torch.no_grad() block.
+        with torch_threads(self.num_threads), torch.enable_grad():
             return self._fit(X_train, y_train, X_val, y_val, callback)
 
     def _fit(self, X_train, y_train, X_val, y_val, callback) -> "NeuralClusteringHead":
