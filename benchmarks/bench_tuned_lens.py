@@ -8,7 +8,7 @@ unembedding (``(q - p) W_U^T``, the same size again) plus the softmax / KL passe
 (median of steps after the first, from ``TunedLens.fit``'s own per-step timing) in float32 and with
 bfloat16 vocabulary matmuls, the floor in float32 and bfloat16, and the ratios, all in one run.
 
-Run:  python benchmarks/bench_tuned_lens.py [--tokens 256] [--steps 4] [--repeats 3]
+Run:  python benchmarks/bench_tuned_lens.py [--tokens 256] [--steps 4] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -70,7 +70,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per step (default 256)")
     parser.add_argument("--steps", type=int, default=4, help="training steps per measurement (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="floor repeats (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 is steadier on a CPU shared with other jobs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import vsem_lens as vl
 
