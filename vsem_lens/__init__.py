@@ -97,3 +97,44 @@ __all__ += [
 from .tuned import TrainingConfig, TunedLens  # noqa: E402
 
 __all__ += ["TrainingConfig", "TunedLens"]
+
+# Linguistic task spaces: minimal pairs, their scoring (final layer and by layer), gradient similarity, FTGD.
+from .minimal_pairs import (  # noqa: E402
+    MinimalPair,
+    generate_minimal_pairs,
+    load_minimal_pairs,
+    minimal_pair_accuracy,
+    minimal_pair_accuracy_by_layer,
+    preference_onset,
+    score_minimal_pairs,
+)
+from .taskspace import (  # noqa: E402
+    FTGDConfig,
+    TaskGradients,
+    compare_with_hypothesis,
+    ftgd_finetune,
+    ftgd_transfer,
+    gradient_similarity,
+    phenomenon_gradients,
+    plot_task_space,
+    task_space_matrix,
+)
+
+__all__ += [
+    "FTGDConfig",
+    "MinimalPair",
+    "TaskGradients",
+    "compare_with_hypothesis",
+    "ftgd_finetune",
+    "ftgd_transfer",
+    "generate_minimal_pairs",
+    "gradient_similarity",
+    "load_minimal_pairs",
+    "minimal_pair_accuracy",
+    "minimal_pair_accuracy_by_layer",
+    "phenomenon_gradients",
+    "plot_task_space",
+    "preference_onset",
+    "score_minimal_pairs",
+    "task_space_matrix",
+]
