@@ -301,8 +301,12 @@ def load_model(
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
             by default texts are tokenised exactly as the HF tokenizer does.
         trust_remote_code: passed to HF; off unless you ask for it.
-        **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``device_map``,
-            ``n_devices``, ``max_memory``, ``n_ctx``, ...).
+        **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``n_ctx``, ...). The
+            placement options of big models, ``device_map`` (``"auto"``, ``"balanced"``, a dict),
+            ``n_devices`` (split over this many GPUs), ``max_memory`` and ``offload_folder``, are
+            resolved as TransformerLens does and applied when the HF weights are loaded (the bridge
+            accepts them only when it loads the model itself); ``device`` is then ignored. Not for
+            GGUF files or in-memory pairs (place those yourself with ``from_pretrained(device_map=...)``).
 
     Raises:
         ModelLoadError: the model cannot be found, read or booted; the message says what to do.
@@ -312,12 +316,23 @@ def load_model(
         >>> model                         # doctest: +SKIP
         HookedModel('SmolLM2-135M-Instruct', n_layers=30, d_model=576, d_vocab=49152, prepend_bos=False)
     """
+    placement = {k: boot_kwargs.pop(k) for k in PLACEMENT_KEYS if boot_kwargs.get(k) is not None}
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise ModelLoadError("an in-memory model is given as a (hf_model, tokenizer) pair.")
+        if placement:
+            raise ModelLoadError(
+                f"{', '.join(placement)} cannot move an in-memory model; load it with "
+                "AutoModelForCausalLM.from_pretrained(..., device_map=...) and pass the pair."
+            )
         hf_model, tokenizer = spec
         name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+        if getattr(hf_model, "hf_device_map", None):
+            device = None  # already dispatched by accelerate: the bridge keeps its placement
         return _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    if placement:
+        device = None  # the device map decides
+        placement = _resolve_placement(placement)
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(
             f"cannot load a model from a {type(spec).__name__}; pass 'embedded', a hub name, a local "
@@ -326,19 +341,21 @@ def load_model(
     spec = os.fspath(spec)
     if spec == "embedded":
         path = embedded_model_dir()
-        hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
         return _boot(EMBEDDED_NAME, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
     if spec.lower().endswith(".gguf"):
         gguf = Path(spec).expanduser()
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path.")
+        if placement:
+            raise ModelLoadError("device_map / n_devices / max_memory do not apply to GGUF files (dequantised on CPU).")
         hf_model, tokenizer = _from_gguf(gguf, dtype=dtype)
         return _boot(gguf.stem, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
     local = Path(spec).expanduser()
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{local} is a file but not a .gguf file; pass a model directory or a .gguf.")
     hf_model, tokenizer = _from_pretrained(
-        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code
+        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement
     )
     return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
 
@@ -384,7 +401,30 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool):
+PLACEMENT_KEYS = ("device_map", "n_devices", "max_memory", "offload_folder")
+
+
+def _resolve_placement(placement: dict[str, Any]) -> dict[str, Any]:
+    """TransformerLens's translation of ``n_devices``/``device_map``/``max_memory`` into HF kwargs."""
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        device_map, max_memory = resolve_device_map(
+            placement.get("n_devices"), placement.get("device_map"), None, placement.get("max_memory")
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot place the model: {exc}") from exc
+    out: dict[str, Any] = {}
+    if device_map is not None:
+        out["device_map"] = device_map
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    if placement.get("offload_folder"):
+        out["offload_folder"] = placement["offload_folder"]
+    return out
+
+
+def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -392,7 +432,7 @@ def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
         )
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"

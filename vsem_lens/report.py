@@ -23,6 +23,14 @@ depend on ``batch_size``. Memory is bounded: one batch of activations, one
 ``[rows, d_vocab]`` readout buffer (~128 MB at most), O(layers x d_model^2) streaming state, and at
 most :data:`QUANTILE_CAPACITY` tokens x layers of readout values for the quantiles.
 
+Scale (docs/scale.md): every corpus-wide statistic is mergeable streaming state (isotropy moments,
+readout running means/variances and kept quantile values, decomposition running means/variances),
+so ``distributed=True`` under ``torchrun`` shards the length-sorted batches over ranks (batch ``b``
+to rank ``b % world_size``) and combines the states with collective operations
+(:mod:`vsem_lens.distributed`), and ``checkpoint_dir`` makes a run resumable: the state is written
+atomically every ``checkpoint_every`` batches and a run started again with the same arguments
+continues from it, ending with the numbers of an uninterrupted run (tested).
+
 The readouts use a fused engine (:class:`LensAggregator`): per chunk of sampled tokens, all layers'
 residuals go through one ``[tokens x layers, d] @ [d, vocab]`` product into a preallocated buffer,
 then an in-place ``log_softmax`` and two reductions (rank count, cross-entropy with the final
@@ -40,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -326,10 +335,13 @@ class LensAggregator:
         # name -> (kind, lens); kind "lens" (unembedding) or "affinity" (unit semantic bases).
         self.readouts = readouts or {"lens": ("lens", basis.lens), "affinity": ("affinity", basis.lens)}
         self.names = list(self.readouts)
-        self.W_U = model.W_U
-        b_U = model.b_U
+        # Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
+        # vocabulary in 8-bit-mantissa arithmetic would swamp the statistics (which accumulate in float64).
+        self.dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
+        self.W_U = model.W_U.to(self.dtype)
+        b_U = model.b_U.to(self.dtype)
         self.b_U = b_U if bool((b_U != 0).any()) else None
-        self.unit_T = basis.unit_vectors.T
+        self.unit_T = basis.unit_vectors.T.to(device=self.W_U.device, dtype=self.dtype)
         self.final_norm = model.final_norm
         self.d_vocab = model.d_vocab
         rows = max(1, min(max_rows, READOUT_BUFFER_ELEMENTS // self.d_vocab))
@@ -477,7 +489,7 @@ class LensAggregator:
     ) -> Iterator[tuple[str, dict[str, Tensor]]]:
         """Readouts of one chunk of tokens; yields (name, values) with values [token, layer(, k)]."""
         t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
-        final_logits = self.final_norm(x[last]) @ self.W_U
+        final_logits = self.final_norm(x[last]).to(self.dtype) @ self.W_U
         if self.b_U is not None:
             final_logits += self.b_U
         final_logp = torch.log_softmax(final_logits, dim=-1)
@@ -544,6 +556,71 @@ class LensAggregator:
             return torch.empty(len(self.names), 0, len(self.layers))
         return torch.cat(parts, dim=1)
 
+    # -- mergeable state: checkpoints and multi-process reduction ------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated statistics, the kept quantile values and the tokens still waiting for a
+        chunk, as plain tensors (loadable with ``torch.load(weights_only=True)``).
+
+        Example:
+            >>> agg2.load_state_dict(agg.state_dict())   # doctest: +SKIP
+        """
+        pending_resid = torch.cat([p for p, _ in self._pending], dim=1).cpu() if self._pending else None
+        pending_keep = torch.cat([k for _, k in self._pending]) if self._pending else None
+        running = {**self.running, "final_entropy": self.final_entropy}
+        return {
+            "names": list(self.names),
+            "layers": list(self.layers),
+            "running": {k: {"count": r.count.clone(), "mean": r.mean.clone(), "m2": r.m2.clone()} for k, r in running.items()},
+            "agree": self.agree.clone(),
+            "kept": {stat: self.kept(stat).clone() for stat in self._kept},
+            "n_tokens": int(self.n_tokens),
+            "n_kept": int(self.n_kept),
+            "pending_resid": pending_resid,
+            "pending_keep": pending_keep,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (same readouts and layers).
+
+        Raises:
+            InputError: the state was made for other readouts or layers.
+        """
+        if list(state["names"]) != self.names or list(state["layers"]) != self.layers:
+            raise InputError("the saved readout state tracks other readouts or layers than this aggregator.")
+        for key, saved in state["running"].items():
+            target = self.final_entropy if key == "final_entropy" else self.running[key]
+            target.count, target.mean, target.m2 = (saved[n].clone() for n in ("count", "mean", "m2"))
+        self.agree = state["agree"].clone()
+        self._kept = {stat: ([t.clone()] if t.shape[1] else []) for stat, t in state["kept"].items()}
+        self.n_tokens, self.n_kept = int(state["n_tokens"]), int(state["n_kept"])
+        if state["pending_resid"] is not None:
+            device = self.W_U.device
+            self._pending = [(state["pending_resid"].to(device), state["pending_keep"].to(torch.bool))]
+            self._pending_tokens = int(state["pending_keep"].numel())
+        else:
+            self._pending, self._pending_tokens = [], 0
+
+    def all_reduce(self, env: Any) -> None:
+        """Combine the statistics of every rank in place (call :meth:`flush` first); every rank gets them.
+
+        Means and variances combine exactly (k-way Chan update), counts add, and the values kept for
+        quantiles are gathered (at most :data:`QUANTILE_CAPACITY` tokens over all ranks).
+        """
+        from .distributed import all_gather_objects, all_reduce_moments, all_reduce_sum
+
+        if not env.active:
+            return
+        if self._pending_tokens:
+            raise InputError("flush() the aggregator before reducing it over ranks.")
+        for r in [*self.running.values(), self.final_entropy]:
+            r.count, r.mean, r.m2 = all_reduce_moments(r.count, r.mean, r.m2, env)
+        self.agree = all_reduce_sum(self.agree, env)
+        gathered = all_gather_objects({stat: self.kept(stat) for stat in self._kept}, env)
+        self._kept = {stat: [g[stat] for g in gathered if g[stat].shape[1]] for stat in self._kept}
+        self.n_kept = sum(int(g["rank"].shape[1]) for g in gathered)
+        self.n_tokens = int(all_reduce_sum(torch.tensor(self.n_tokens, dtype=torch.float64), env))
+
     def table(self, *, frame: str) -> pd.DataFrame:
         """Tidy per (readout, layer) statistics over the tokens read so far.
 
@@ -588,6 +665,212 @@ class LensAggregator:
                     row["final_cos_mean"] = row["final_cos_std"] = float("nan")
                 rows.append(row)
         return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------- decomposition state
+
+_DECOMP_STATS = ("spim", "cos", "dist", "norm_ratio")
+_DECOMP_KEYS = ("layer", "component", "component_layer", "kind")
+
+
+class _DecompositionState:
+    """Mergeable streaming state of the residual decomposition table.
+
+    Each batch's :func:`~vsem_lens.disentangle.decomposition_by_layer` table is a summary (count, mean,
+    std) per (layer, component) stream; it is folded in with Chan et al.'s pairwise update
+    (``M2 = std^2 (n - 1)``), the reconstruction errors with a running maximum. The merged table
+    equals one decomposition pass over all the batches up to float64 rounding.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, list[Any]] | None = None
+        self.count = torch.zeros(0, dtype=torch.float64)
+        self.mean: dict[str, Tensor] = {}
+        self.m2: dict[str, Tensor] = {}
+        self.max_abs = torch.zeros(0, dtype=torch.float64)
+        self.max_rel = torch.zeros(0, dtype=torch.float64)
+
+    def _init(self, keys: dict[str, list[Any]]) -> None:
+        n = len(keys["layer"])
+        self.keys = keys
+        self.count = torch.zeros(n, dtype=torch.float64)
+        self.mean = {s: torch.zeros(n, dtype=torch.float64) for s in _DECOMP_STATS}
+        self.m2 = {s: torch.zeros(n, dtype=torch.float64) for s in _DECOMP_STATS}
+        self.max_abs = torch.zeros(n, dtype=torch.float64)
+        self.max_rel = torch.zeros(n, dtype=torch.float64)
+
+    def update(self, df: pd.DataFrame) -> None:
+        keys = {k: df[k].tolist() for k in _DECOMP_KEYS}
+        if self.keys is None:
+            self._init(keys)
+        elif keys != self.keys:
+            raise InputError("decomposition tables of different layers cannot be merged.")
+        col = lambda name: torch.tensor(df[name].to_numpy(dtype=np.float64))  # noqa: E731
+        n_b = col("n_tokens")
+        n_a = self.count
+        n = n_a + n_b
+        safe = n.clamp_min(1.0)
+        for stat in _DECOMP_STATS:
+            mean_b = torch.nan_to_num(col(f"{stat}_mean"))
+            m2_b = torch.where(n_b > 1, torch.nan_to_num(col(f"{stat}_std")).square() * (n_b - 1), 0.0)
+            delta = mean_b - self.mean[stat]
+            self.m2[stat] = self.m2[stat] + m2_b + delta.square() * (n_a * n_b / safe)
+            self.mean[stat] = self.mean[stat] + delta * (n_b / safe)
+        self.count = n
+        self.max_abs = torch.maximum(self.max_abs, col("reconstruction_error"))
+        self.max_rel = torch.maximum(self.max_rel, col("reconstruction_rel_error"))
+
+    def all_reduce(self, env: Any) -> None:
+        from .distributed import all_reduce_max, all_reduce_moments, all_reduce_sum
+
+        if not env.active:
+            return
+        count = self.count
+        for stat in _DECOMP_STATS:
+            n, self.mean[stat], self.m2[stat] = all_reduce_moments(count, self.mean[stat], self.m2[stat], env)
+        self.count = all_reduce_sum(count, env)
+        self.max_abs = all_reduce_max(self.max_abs, env)
+        self.max_rel = all_reduce_max(self.max_rel, env)
+
+    def table(self) -> pd.DataFrame:
+        if self.keys is None:
+            raise InputError("no decomposition was computed (no batch was processed).")
+        df = pd.DataFrame({k: v for k, v in self.keys.items()})
+        df["n_tokens"] = self.count.round().to(torch.int64).numpy()
+        for stat in _DECOMP_STATS:
+            df[f"{stat}_mean"] = self.mean[stat].numpy()
+            std = torch.where(self.count > 1, (self.m2[stat] / (self.count - 1).clamp_min(1)).sqrt(), float("nan"))
+            df[f"{stat}_std"] = std.numpy()
+        df["reconstruction_error"] = self.max_abs.numpy()
+        df["reconstruction_rel_error"] = self.max_rel.numpy()
+        return df
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys,
+            "count": self.count.clone(),
+            "mean": {k: v.clone() for k, v in self.mean.items()},
+            "m2": {k: v.clone() for k, v in self.m2.items()},
+            "max_abs": self.max_abs.clone(),
+            "max_rel": self.max_rel.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = state["keys"]
+        self.count = state["count"].clone()
+        self.mean = {k: v.clone() for k, v in state["mean"].items()}
+        self.m2 = {k: v.clone() for k, v in state["m2"].items()}
+        self.max_abs, self.max_rel = state["max_abs"].clone(), state["max_rel"].clone()
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = 1
+
+
+def _corpus_hash(texts: Sequence[str]) -> str:
+    digest = hashlib.blake2b(digest_size=10)
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _weights_digest(model: HookedModel) -> str:
+    """A hash of every parameter's name, shape, sum and absolute sum (one read of the weights)."""
+    digest = hashlib.blake2b(digest_size=10)
+    with torch.no_grad():
+        for name, p in model.bridge.named_parameters():
+            if p.device.type == "meta":
+                continue
+            x = p.detach().reshape(-1)
+            digest.update(f"{name}|{tuple(p.shape)}|{x.dtype}|".encode())
+            total = torch.zeros(2, dtype=torch.float64, device=x.device)
+            for chunk in x.split(2**20):  # float64 sums in 8 MB pieces (no full-size copy)
+                c = chunk.double()
+                total += torch.stack([c.sum(), c.abs().sum()])
+            digest.update(total.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _lens_digest(lens: Any) -> str | None:
+    if lens is None or not hasattr(lens, "state_dict"):
+        return None
+    digest = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(lens.state_dict().items()):
+        if isinstance(t, Tensor):
+            digest.update(name.encode())
+            digest.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_key(model: HookedModel, texts: Sequence[str], parameters: dict[str, Any]) -> str:
+    """The name of a run's checkpoint folder: a hash of the model, the corpus and every parameter
+    that changes the numbers (plus the number of ranks).
+
+    Example:
+        >>> checkpoint_key(model, texts, {"seed": 0})   # doctest: +SKIP
+        'report-3f2a...'
+    """
+    spec = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"name": model.name, "fingerprint": model.fingerprint, "weights": _weights_digest(model),
+                  "dtype": str(model.dtype), "prepend_bos": model.prepend_bos},
+        "corpus": _corpus_hash(texts),
+        "parameters": parameters,
+    }
+    blob = json.dumps(_jsonable(spec), sort_keys=True).encode()
+    return "report-" + hashlib.blake2b(blob, digest_size=10).hexdigest()
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` into a temporary file in the same folder, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _Checkpoint:
+    """This rank's checkpoint file ``<dir>/<key>/rank<r>-of-<w>.pt`` (atomic writes, safe loads)."""
+
+    def __init__(self, directory: str | os.PathLike, key: str, env: Any) -> None:
+        self.folder = Path(directory).expanduser().absolute() / key
+        self.key = key
+        self.path = self.folder / f"rank{env.rank}-of-{env.world_size}.pt"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt file must not stop the run: start over
+            import warnings
+
+            warnings.warn(f"ignoring unreadable checkpoint {self.path} ({type(exc).__name__}: {exc}); starting over.")
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key or state.get("format") != CHECKPOINT_FORMAT:
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        _atomic_torch_save({"format": CHECKPOINT_FORMAT, "key": self.key, **state}, self.path)
+
+    def remove(self, env: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        if env.is_main:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when every rank removed its file
 
 
 # ---------------------------------------------------------------------------------- corpus planning
@@ -697,13 +980,18 @@ def build_report(
     seed: int = 0,
     progress: bool = False,
     corpus_name: str | None = None,
-) -> Report:
+    distributed: bool | Any = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Report | None:
     """Build the layerwise semantic report of ``model`` over a corpus.
 
     One streaming pass over the corpus (``iter_capture`` of ``resid_post`` at every requested layer
-    plus the last) feeds the isotropy statistics (every token, raw and final-norm frames) and the
-    full-vocabulary readouts (the seeded sample of ``lens_tokens`` tokens). The residual
-    decomposition currently runs its own pass (see :func:`~vsem_lens.disentangle.decomposition_by_layer`).
+    plus the last) feeds the isotropy statistics (every token, raw and final-norm frames), the
+    full-vocabulary readouts (the seeded sample of ``lens_tokens`` tokens) and the residual
+    decomposition (every token; it runs its own capture of the block outputs per batch). Everything
+    corpus-wide is mergeable streaming state, so the pass can be split over processes and resumed.
 
     Args:
         model: a :class:`~vsem_lens.models.HookedModel`.
@@ -721,14 +1009,29 @@ def build_report(
             texts); each is cut to :data:`EXAMPLE_MAX_TOKENS` tokens.
         batch_size: texts per forward pass (texts are length-sorted into batches to limit padding).
         seed: seed of the lens sample, the quantile subsample and the coherence sample.
-        progress: print stages and show a progress bar over batches (on stderr).
+        progress: print stages and show a progress bar over batches (on stderr; rank 0 only).
         corpus_name: label of the corpus for the summary (e.g. ``"default"`` or a file name).
+        distributed: ``True`` inside ``torchrun`` (or a :class:`~vsem_lens.distributed.DistEnv`):
+            batch ``b`` of the length-sorted plan goes to rank ``b % world_size``, each rank streams
+            its batches and reads out the sampled tokens it owns (the sample is drawn over global
+            token positions, so it is the single-process sample), the states are combined with
+            collective operations, and rank 0 assembles the report. Other ranks return ``None``.
+        checkpoint_dir: folder for resumable runs. The streaming state is written (atomically) to
+            ``<checkpoint_dir>/<key>/rank<r>-of-<w>.pt``, where the key hashes the model weights, the
+            corpus and every parameter; a run started again with the same arguments resumes from it
+            and gives the numbers of an uninterrupted run. Removed when the report is built.
+        checkpoint_every: write the checkpoint every this many batches (of this rank); default 50
+            when ``checkpoint_dir`` is given. The state is also written at the end of the pass.
+        on_batch: called as ``on_batch(batches_done, batches_total)`` (this rank's counts) after each
+            batch is folded in and any checkpoint written; for progress displays. An exception it
+            raises stops the run (the checkpoint survives).
 
     Returns:
-        A :class:`Report`.
+        A :class:`Report` (``None`` on ranks other than 0 of a distributed run).
 
     Raises:
-        InputError: empty texts, unknown frame, bad layers, a non-positive budget.
+        InputError: empty texts, unknown frame, bad layers, a non-positive budget, ``distributed``
+            outside torchrun.
 
     Example:
         >>> report = build_report(model, load_corpus("default"), max_tokens=4000, lens_tokens=512)  # doctest: +SKIP
@@ -736,6 +1039,7 @@ def build_report(
     """
     from . import plots
     from .disentangle import basis_coherence, decomposition_by_layer
+    from .distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shard_indices
     from .isotropy import IsotropyState
     from .report_plots import (
         plot_affinity_map,
@@ -747,7 +1051,6 @@ def build_report(
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    log = _logger(progress)
 
     # -- validate everything before the long pass ------------------------------------------------
     texts = check_texts(texts)
@@ -759,7 +1062,25 @@ def build_report(
         raise InputError(f"lens_tokens must be a positive integer or 'all', got {lens_tokens!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+    ):
+        raise InputError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}.")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise InputError("checkpoint_every needs checkpoint_dir (where to write the checkpoints).")
     example_texts = check_texts(examples) if examples is not None else texts[:DEFAULT_N_EXAMPLES]
+    if isinstance(distributed, DistEnv):
+        env = distributed
+    elif distributed:
+        env = init_distributed(device=model.device)
+        if env is SINGLE and "RANK" not in os.environ:
+            raise InputError(
+                "distributed=True (--distributed) needs torchrun: launch with "
+                "`torchrun --nproc_per_node=N -m vsem_lens.cli report --distributed ...` (RANK/WORLD_SIZE unset)."
+            )
+    else:
+        env = SINGLE
+    log = _logger(progress and env.is_main)
 
     with _stage(timings, "basis"):
         basis = SemanticBasis.from_model(model, frame=frame)  # resolves (and checks) the frame's lens
@@ -777,16 +1098,58 @@ def build_report(
     log(
         f"{len(plan.texts)} of {plan.n_available} texts, {n_tokens} tokens; full-vocabulary readouts on "
         f"{n_lens} sampled tokens x {len(layer_list)} layers"
+        + (f"; {env.world_size} ranks" if env.active else "")
     )
 
-    # -- one streaming pass: isotropy on every token, readouts on the sample ---------------------
+    # -- one streaming pass: isotropy and decomposition on every token, readouts on the sample ---
     iso = IsotropyState.for_model(model, sites=("resid_post",), frames=("raw", "final_norm"), layers=layer_list)
     agg = LensAggregator(model, basis, layers=layer_list, readouts=readouts)
-    lens_per_text = [0] * len(plan.rows)
-    t_capture = t_iso = t_lens = 0.0
+    dec = _DecompositionState()
+    lens_per_text = torch.zeros(len(plan.rows), dtype=torch.float64)
+    my_batches = shard_indices(len(plan.batches), env)
+    checkpoint = None
+    start_at = 0
+    if checkpoint_dir is not None:
+        every = checkpoint_every or 50
+        key_params = {
+            "frame": frame, "layers": layer_list, "max_tokens": max_tokens, "lens_tokens": lens_tokens,
+            "batch_size": batch_size, "seed": seed, "readouts": list(readouts),
+            "tuned_lens": _lens_digest(tuned), "world_size": env.world_size,
+        }
+        checkpoint = _Checkpoint(checkpoint_dir, checkpoint_key(model, texts, key_params), env)
+        saved = checkpoint.load()
+        if saved is not None:
+            iso = IsotropyState.from_state_dict(saved["isotropy"], final_norm=model.final_norm)
+            agg.load_state_dict(saved["lens"])
+            dec.load_state_dict(saved["decomposition"])
+            lens_per_text = saved["lens_per_text"].clone()
+            start_at = int(saved["batches_done"])
+            log(f"resuming from checkpoint {checkpoint.path} after {start_at} of {len(my_batches)} batches")
+
+    def save_checkpoint(done: int) -> None:
+        assert checkpoint is not None
+        # The isotropy state (2 x layers x d_model^2 float64) is serialised as it is, not cloned first.
+        iso_state = {"keys": [list(k) for k in iso.keys], "d_model": iso.d_model, "count": iso.count,
+                     "mean": iso.mean, "m2": iso.m2, "cos_total": iso.cos_total}
+        checkpoint.save(
+            {
+                "batches_done": done,
+                "isotropy": iso_state,
+                "lens": agg.state_dict(),
+                "decomposition": dec.state_dict(),
+                "lens_per_text": lens_per_text.clone(),
+            }
+        )
+
+    t_capture = t_iso = t_lens = t_dec = t_ckpt = 0.0
     pass_start = time.perf_counter()
-    bar = tqdm(plan.batches, desc="report", unit="batch", disable=not progress, file=sys.stderr, leave=False)
-    for text_ids in bar:
+    offsets = torch.tensor(plan.offsets, dtype=torch.long)
+    bar = tqdm(
+        total=len(my_batches), initial=start_at, desc="report", unit="batch",
+        disable=not (progress and env.is_main), file=sys.stderr, leave=False,
+    )
+    for done, b in enumerate(my_batches[start_at:], start=start_at + 1):
+        text_ids = plan.batches[b]
         tokens = _batch_tokens(model, [plan.rows[i] for i in text_ids])
         t0 = time.perf_counter()
         for batch in iter_capture(model, tokens, layers=agg.capture_layers, batch_size=len(text_ids)):
@@ -795,17 +1158,29 @@ def build_report(
         iso.update(batch)
         t2 = time.perf_counter()
         docs = torch.tensor(text_ids, dtype=torch.long)[batch.doc_index]
-        global_index = torch.tensor(plan.offsets, dtype=torch.long)[docs] + batch.positions
+        global_index = offsets[docs] + batch.positions
         select = plan.lens_mask[global_index]
         if bool(select.any()):
-            for doc in docs[select].tolist():
-                lens_per_text[doc] += 1
+            lens_per_text += torch.bincount(docs[select], minlength=len(plan.rows)).to(torch.float64)
             resid = batch.acts["resid_post"][:, select.to(batch.acts["resid_post"].device)]
             agg.update(resid, batch.layers, keep=plan.keep_mask[global_index][select])
-        t3 = time.perf_counter()
-        t_capture, t_iso, t_lens = t_capture + t1 - t0, t_iso + t2 - t1, t_lens + t3 - t2
         del batch
+        t3 = time.perf_counter()
+        dec.update(decomposition_by_layer(model, tokens, layers=layer_list, batch_size=len(text_ids)))
+        t4 = time.perf_counter()
+        if checkpoint is not None and done % every == 0 and done < len(my_batches):
+            save_checkpoint(done)
+        t5 = time.perf_counter()
+        t_capture, t_iso, t_lens = t_capture + t1 - t0, t_iso + t2 - t1, t_lens + t3 - t2
+        t_dec, t_ckpt = t_dec + t4 - t3, t_ckpt + t5 - t4
+        bar.update(1)
+        if on_batch is not None:
+            on_batch(done, len(my_batches))
     bar.close()
+    if checkpoint is not None and start_at < len(my_batches):
+        t5 = time.perf_counter()
+        save_checkpoint(len(my_batches))  # the end of the pass: a crash below loses no streaming work
+        t_ckpt += time.perf_counter() - t5
     pass_seconds = time.perf_counter() - pass_start
     t4 = time.perf_counter()
     agg.flush()
@@ -813,20 +1188,31 @@ def build_report(
     timings["capture (forward + hooks)"] = t_capture
     timings["isotropy statistics"] = t_iso
     timings["readouts (sampled tokens)"] = t_lens + time.perf_counter() - t4
-    timings["pass overhead"] = max(0.0, pass_seconds - t_capture - t_iso - t_lens)
+    timings["decomposition (own capture per batch)"] = t_dec
+    if checkpoint is not None:
+        timings["checkpoints"] = t_ckpt
+    timings["pass overhead"] = max(0.0, pass_seconds - t_capture - t_iso - t_lens - t_dec - t_ckpt)
 
-    # -- residual decomposition (its own pass until disentangle offers a streaming state) --------
-    log("residual decomposition (second pass)")
-    with _stage(timings, "decomposition (second pass)"):
-        sorted_texts = [plan.texts[i] for batch_ids in plan.batches for i in batch_ids]
-        decomposition = decomposition_by_layer(
-            model,
-            sorted_texts,
-            layers=layer_list,
-            batch_size=batch_size,
-            max_length=max_tokens if plan.cut_first else model.n_ctx,
-            progress=progress,
-        )
+    # -- combine the ranks' states (no-ops in a single process) -----------------------------------
+    rank_info = {"rank": env.rank, "batches": len(my_batches), "resumed_after_batches": start_at,
+                 "pass_seconds": round(pass_seconds, 3), "peak_rss_mib": peak_rss_mib()}
+    if env.active:
+        with _stage(timings, "reduce over ranks"):
+            from .distributed import reduce_isotropy
+
+            reduce_isotropy(iso, env)
+            agg.all_reduce(env)
+            dec.all_reduce(env)
+            lens_per_text = all_reduce_sum(lens_per_text, env)
+            ranks = all_gather_objects(rank_info, env)
+    else:
+        ranks = [rank_info]
+    if not env.is_main:
+        if checkpoint is not None:
+            checkpoint.remove(env)  # rank 0 keeps its end-of-pass state until the report is built
+        return None
+    decomposition = dec.table()
+    lens_per_text_list = [int(round(v)) for v in lens_per_text.tolist()]
 
     # -- examples: every position, with the top-k tokens ------------------------------------------
     log(f"affinity map of {len(example_texts)} example text(s)")
@@ -847,7 +1233,7 @@ def build_report(
             {
                 "text": range(len(plan.rows)),
                 "n_tokens": [len(r) for r in plan.rows],
-                "lens_tokens": lens_per_text,
+                "lens_tokens": lens_per_text_list,
                 "preview": [t[:80] for t in plan.texts],
             }
         )
@@ -923,11 +1309,19 @@ def build_report(
         },
         "timings_s": timings,
         "peak_rss_mib": rss,
+        "ranks": {
+            "world_size": env.world_size,
+            "backend": env.backend,
+            "sharding": "batch b of the length-sorted plan -> rank b % world_size",
+            "per_rank": ranks,
+        },
         "highlights": _highlights(formation, iso_df, decomposition, coherence.summary),
         "figures": {key: _figure_description(key) for key in figures},
     }
     report = Report(tables=tables, figures=figures, summary=summary)
     report.sections = _sections(report, example_texts, example_meta)
+    if checkpoint is not None:
+        checkpoint.remove(env)
     return report
 
 

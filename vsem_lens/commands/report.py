@@ -61,9 +61,64 @@ def parse_positive(spec: str, option: str, *, allow_all: bool = False) -> int | 
     return value
 
 
+DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64"}
+
+
+def parse_dtype(spec: str):
+    """Parse ``--dtype`` into a torch dtype.
+
+    Example:
+        >>> str(parse_dtype("bf16"))
+        'torch.bfloat16'
+    """
+    import torch
+
+    name = DTYPES.get(str(spec).strip().lower())
+    if name is None:
+        raise InputError(f"--dtype expects one of float32, bfloat16, float16, float64; got {spec!r}.")
+    return getattr(torch, name)
+
+
+def parse_placement(device_map: str | None, n_devices: str | None, max_memory: str | None) -> dict:
+    """Parse ``--device-map`` (auto | balanced | sequential | cpu | JSON dict), ``--n-devices`` and
+    ``--max-memory`` (``0=20GiB,1=20GiB,cpu=64GiB``) into :func:`~vsem_lens.models.load_model` keywords.
+
+    Example:
+        >>> parse_placement("auto", None, "0=20GiB,cpu=64GiB")
+        {'device_map': 'auto', 'max_memory': {0: '20GiB', 'cpu': '64GiB'}}
+    """
+    import json
+
+    out: dict = {}
+    if device_map:
+        text = device_map.strip()
+        if text.startswith("{"):
+            try:
+                out["device_map"] = json.loads(text)
+            except ValueError:
+                raise InputError(f"--device-map is not valid JSON: {device_map!r}.") from None
+        else:
+            out["device_map"] = text
+    if n_devices:
+        out["n_devices"] = int(parse_positive(n_devices, "--n-devices"))
+    if max_memory:
+        budget: dict = {}
+        for part in max_memory.split(","):
+            dev, sep, amount = part.partition("=")
+            if not sep or not amount.strip():
+                raise InputError(f"--max-memory expects DEVICE=AMOUNT pairs such as 0=20GiB,cpu=64GiB; got {part!r}.")
+            dev = dev.strip()
+            budget[int(dev) if dev.isdigit() else dev] = amount.strip()
+        out["max_memory"] = budget
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model and corpus, build the report, write it; prints where it went."""
     from ..corpus import load_corpus
+    from ..distributed import SINGLE, destroy, init_distributed, rank_device, torchrun_env
     from ..lenses import check_frame
     from ..models import load_model
     from ..report import build_report
@@ -76,29 +131,60 @@ def run(args: argparse.Namespace) -> int:
     lens_tokens = parse_positive(args.lens_tokens, "--lens-tokens", allow_all=True)
     batch_size = parse_positive(args.batch_size, "--batch-size")
     texts = load_corpus(args.corpus)
+    checkpoint_every = parse_positive(args.checkpoint_every, "--checkpoint-every") if args.checkpoint_every else None
+    checkpoint_dir = args.checkpoint_dir
+    if checkpoint_every is not None and checkpoint_dir is None:
+        checkpoint_dir = DEFAULT_CHECKPOINT_DIR
+    dtype = parse_dtype(args.dtype)
+    placement = parse_placement(args.device_map, args.n_devices, args.max_memory)
+    env = SINGLE
+    device = args.device
+    if args.distributed:
+        if torchrun_env() is None:
+            raise InputError(
+                "--distributed needs torchrun: launch with `torchrun --nproc_per_node=N -m vsem_lens.cli report "
+                "--distributed ...` (RANK and WORLD_SIZE are not set)."
+            )
+        if placement:
+            raise InputError("--distributed runs one model copy per rank; do not combine it with --device-map/--n-devices.")
+        device = rank_device(torchrun_env(), args.device)
+        env = init_distributed(device=device)
+        quiet = quiet or not env.is_main
 
     def say(message: str) -> None:
         if not quiet:
             print(f"vsem-lens: {message}", file=sys.stderr, flush=True)
 
-    say(f"loading model {args.model!r} on {args.device}")
+    where = f"device_map={placement}" if placement else device
+    say(f"loading model {args.model!r} on {where}")
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device)
+    if placement:
+        model = load_model(args.model, dtype=dtype, **placement)
+    else:
+        model = load_model(args.model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
     say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {load_seconds:.1f} s")
-    report = build_report(
-        model,
-        texts,
-        frame=args.frame,
-        layers=layers,
-        max_tokens=None if max_tokens == "all" else max_tokens,
-        lens_tokens=lens_tokens,
-        examples=args.text or None,
-        batch_size=int(batch_size),
-        seed=args.seed,
-        progress=not quiet,
-        corpus_name=str(args.corpus),
-    )
+    try:
+        report = build_report(
+            model,
+            texts,
+            frame=args.frame,
+            layers=layers,
+            max_tokens=None if max_tokens == "all" else max_tokens,
+            lens_tokens=lens_tokens,
+            examples=args.text or None,
+            batch_size=int(batch_size),
+            seed=args.seed,
+            progress=not quiet,
+            corpus_name=str(args.corpus),
+            distributed=env if env.active else False,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+        )
+    finally:
+        destroy(env)
+    if report is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
+        return 0
     report.add_timing("load_model", load_seconds)
     out = report.save(args.out)
     total = sum(v for k, v in report.summary["timings_s"].items() if k in ("load_model", "total (build_report)"))
@@ -145,4 +231,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="vsem-report", help="output directory (default ./vsem-report)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token samples (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress output; print only the report path")
+    scale = parser.add_argument_group("scale (see docs/scale.md)")
+    scale.add_argument(
+        "--distributed", action="store_true",
+        help="one rank per torchrun process: shard the corpus, combine the statistics, rank 0 writes the report",
+    )
+    scale.add_argument(
+        "--checkpoint-every", default=None, metavar="N",
+        help=f"checkpoint the streaming state every N batches (into --checkpoint-dir, default {DEFAULT_CHECKPOINT_DIR}); "
+        "a run started again with the same arguments resumes",
+    )
+    scale.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="folder of resumable checkpoints")
+    scale.add_argument("--dtype", default="float32", help="weights: float32 (default) | bfloat16 | float16; statistics stay float64")
+    scale.add_argument("--device-map", default=None, metavar="MAP", help="split a big model: auto | balanced | sequential | JSON dict")
+    scale.add_argument("--n-devices", default=None, metavar="N", help="split a big model over N GPUs")
+    scale.add_argument("--max-memory", default=None, metavar="BUDGET", help="per-device budget, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     parser.set_defaults(func=run)

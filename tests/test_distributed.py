@@ -1,0 +1,273 @@
+"""Scale: torchrun (2 CPU ranks, gloo) equals one process; killed runs resume to the same numbers; big-model options."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import vsem_lens as vl
+from vsem_lens.distributed import SINGLE, DistEnv, all_reduce_moments, shard, torchrun_env
+from vsem_lens.errors import InputError
+from vsem_lens.report import _corpus_hash, build_report, checkpoint_key
+
+from conftest import TINY_TEXTS, make_tiny_hf
+
+# 48 texts -> 16 batches of 3: enough batches for sharding and checkpoints, a few seconds per run.
+CORPUS = [f"{text} (variant {i})" for i in range(8) for text in TINY_TEXTS]
+ARGS = dict(lens_tokens=80, batch_size=3, seed=1, max_tokens=None)
+# float64 statistics (and the corpus-independent basis coherence, whose float64 sums depend on the number
+# of threads): within 1e-10. Readouts (float32 products, float64 accumulation): within 1e-6.
+FLOAT64_TABLES = ("isotropy", "decomposition", "coherence_summary", "coherence_histogram", "leverage_extremes")
+LENS_TABLES = ("prediction_formation", "examples")
+EXACT_TABLES = ("corpus",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run ~10x faster on one thread than on two oversubscribed ones (and the torchrun ranks
+    use one thread each, as torchrun sets OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model_dist")
+    make_tiny_hf(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dir_model(tiny_dir):
+    return vl.load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(dir_model):
+    """The uninterrupted single-process report."""
+    return build_report(dir_model, CORPUS, **ARGS)
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _cells_equal(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (np.isnan(a) and np.isnan(b)) or a == b
+    return a == b
+
+
+def assert_tables_close(left: dict[str, pd.DataFrame], right: dict[str, pd.DataFrame], *, lens_tol: float = 1e-6) -> None:
+    for name in (*FLOAT64_TABLES, *LENS_TABLES, *EXACT_TABLES):
+        x, y = left[name].reset_index(drop=True), right[name].reset_index(drop=True)
+        assert list(x.columns) == list(y.columns) and len(x) == len(y), name
+        tol = 1e-10 if name in FLOAT64_TABLES else lens_tol if name in LENS_TABLES else 0.0
+        for column in x.columns:
+            u, v = x[column], y[column]
+            if u.dtype.kind == "f" or v.dtype.kind == "f":
+                np.testing.assert_allclose(
+                    u.to_numpy(dtype=float), v.to_numpy(dtype=float), rtol=tol, atol=tol, equal_nan=True,
+                    err_msg=f"{name}.{column}",
+                )
+            elif len(u) and isinstance(u.iloc[0], (list, tuple)):
+                if not isinstance(u.iloc[0][0], float):  # token lists, outlier dimension indices
+                    assert u.tolist() == v.tolist(), f"{name}.{column}"
+                else:
+                    np.testing.assert_allclose(np.array(u.tolist(), float), np.array(v.tolist(), float),
+                                               rtol=tol, atol=tol, err_msg=f"{name}.{column}")
+            else:
+                assert all(_cells_equal(a, b) for a, b in zip(u.tolist(), v.tolist())), f"{name}.{column}"
+
+
+def _read_report_dir(path: Path) -> dict[str, pd.DataFrame]:
+    tables = {}
+    for name in (*FLOAT64_TABLES, *LENS_TABLES, *EXACT_TABLES):
+        df = pd.read_csv(path / f"{name}.csv", keep_default_na=False, na_values=[""])
+        for column in df.columns:
+            values = df[column].tolist()
+            if values and all(isinstance(v, str) and v.startswith("[") for v in values):
+                df[column] = pd.Series([json.loads(v) for v in values], dtype=object)
+        tables[name] = df
+    return tables
+
+
+# ---------------------------------------------------------------------------------- helpers (fast)
+
+
+def test_shard_and_env_helpers(monkeypatch):
+    ranks = [shard(list(range(11)), DistEnv(r, 3)) for r in range(3)]
+    assert sorted(sum(ranks, [])) == list(range(11)) and ranks[1] == [1, 4, 7, 10]
+    assert torchrun_env({}) is None
+    assert torchrun_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == DistEnv(1, 2, 1)
+    with pytest.raises(InputError):
+        torchrun_env({"RANK": "2", "WORLD_SIZE": "2"})
+    count, mean, m2 = all_reduce_moments(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([2.0]), SINGLE)
+    assert (count.item(), mean.item(), m2.item()) == (3.0, 1.0, 2.0)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert vl.distributed.init_distributed() is SINGLE
+
+
+def test_distributed_needs_torchrun(dir_model, monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(InputError, match="torchrun"):
+        build_report(dir_model, CORPUS, distributed=True, **ARGS)
+    from vsem_lens.cli import main
+
+    assert main(["report", "--distributed", "--model", "embedded", "--quiet"]) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+def test_checkpoint_key_tracks_arguments(dir_model):
+    base = {"seed": 1, "batch_size": 3, "world_size": 1}
+    key = checkpoint_key(dir_model, CORPUS, base)
+    assert key == checkpoint_key(dir_model, list(CORPUS), dict(base))
+    assert key != checkpoint_key(dir_model, CORPUS, {**base, "seed": 2})
+    assert key != checkpoint_key(dir_model, CORPUS, {**base, "world_size": 2})
+    assert key != checkpoint_key(dir_model, CORPUS[:-1], base)
+    assert _corpus_hash(["ab", "c"]) != _corpus_hash(["a", "bc"])
+
+
+# ---------------------------------------------------------------------------------- torchrun == one process
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tiny_dir, reference, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
+    out = tmp_path / "report"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "vsem_lens.cli", "report", "--distributed", "--model", str(tiny_dir), "--corpus", str(corpus),
+        "--max-tokens", "all", "--lens-tokens", "80", "--batch-size", "3", "--seed", "1", "--out", str(out),
+        "--quiet", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
+    ]
+    proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ranks = summary["ranks"]
+    assert ranks["world_size"] == 2 and ranks["backend"] == "gloo"
+    assert [r["batches"] for r in ranks["per_rank"]] == [8, 8]
+    assert summary["tokens"]["lens_tokens"] == 80 == summary["tokens"]["quantile_tokens"]
+    # Only rank 0 wrote a report; the checkpoints were removed after the run.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "corpus.jsonl", "report"]
+    assert not any((tmp_path / "ckpt").rglob("*.pt"))
+    single_dir = tmp_path / "single"
+    reference.save(single_dir)
+    assert_tables_close(_read_report_dir(single_dir), _read_report_dir(out))
+
+
+# ---------------------------------------------------------------------------------- resumable runs
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(dir_model, reference, tmp_path):
+    calls = []
+
+    def stop_after_5(done, total):
+        calls.append(done)
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2, on_batch=stop_after_5, **ARGS)
+    files = list(tmp_path.rglob("rank0-of-1.pt"))
+    assert len(files) == 1 and calls == [1, 2, 3, 4, 5]
+    saved = torch.load(files[0], weights_only=True)
+    assert saved["batches_done"] == 4  # the last checkpoint before the interruption
+
+    resumed_calls = []
+    resumed = build_report(
+        dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2,
+        on_batch=lambda done, total: resumed_calls.append(done), **ARGS,
+    )
+    assert resumed_calls == list(range(5, 17))
+    assert resumed.summary["ranks"]["per_rank"][0]["resumed_after_batches"] == 4
+    assert_tables_close(reference.tables, resumed.tables, lens_tol=1e-12)
+    assert not any(tmp_path.rglob("*.pt"))  # removed once the report is built
+
+    # Other arguments never pick up this run's checkpoint.
+    with pytest.raises(Stop):
+        build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2, on_batch=stop_after_5, **ARGS)
+    other = build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2,
+                         **{**ARGS, "seed": 2})
+    assert other.summary["ranks"]["per_rank"][0]["resumed_after_batches"] == 0
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_numbers(tiny_dir, dir_model, reference, tmp_path):
+    """A real SIGKILL (no cleanup, no finally) after 7 batches; the run started again resumes at batch 6."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        import vsem_lens as vl
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_distributed import ARGS, CORPUS
+
+        def kill(done, total):
+            if done == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model = vl.load_model({str(tiny_dir)!r})
+        vl.build_report(model, CORPUS, checkpoint_dir={str(tmp_path)!r}, checkpoint_every=3, on_batch=kill, **ARGS)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=_subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert len(list(tmp_path.rglob("rank0-of-1.pt"))) == 1
+    assert not list(tmp_path.rglob(".*tmp*"))  # no half-written file is visible as a checkpoint
+    resumed = build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=3, **ARGS)
+    assert resumed.summary["ranks"]["per_rank"][0]["resumed_after_batches"] == 6
+    assert_tables_close(reference.tables, resumed.tables)
+
+
+def test_corrupt_checkpoint_is_ignored(dir_model, reference, tmp_path):
+    with pytest.raises(Stop):
+        build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2,
+                     on_batch=lambda d, t: (_ for _ in ()).throw(Stop) if d == 3 else None, **ARGS)
+    (path,) = tmp_path.rglob("rank0-of-1.pt")
+    path.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        again = build_report(dir_model, CORPUS, checkpoint_dir=tmp_path, checkpoint_every=2, **ARGS)
+    assert again.summary["ranks"]["per_rank"][0]["resumed_after_batches"] == 0
+    assert_tables_close(reference.tables, again.tables, lens_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- big-model options
+
+
+def test_device_map_and_half_precision(tiny_dir, reference):
+    placed = vl.load_model(str(tiny_dir), device_map={"": "cpu"})
+    assert placed.device.type == "cpu"
+    with pytest.raises(vl.errors.ModelLoadError, match="in-memory"):
+        vl.load_model((object(), object()), device_map="auto")
+    half = vl.load_model(str(tiny_dir), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    report = build_report(half, CORPUS, **ARGS)
+    iso, ref = report.tables["isotropy"], reference.tables["isotropy"]
+    assert (iso["n_tokens"] == ref["n_tokens"]).all()
+    # bfloat16 activations (8-bit mantissa), float64 statistics: close to the float32 model's numbers.
+    np.testing.assert_allclose(iso["isoscore"], ref["isoscore"], rtol=0.1)
+    form = report.tables["prediction_formation"]
+    assert np.isfinite(form["kl_bits_mean"]).all() and (form["n_tokens"] == 80).all()
