@@ -12,10 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -35,3 +36,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def iter_jsonl_objects(content: str, where: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of JSONL text; a clear :class:`DataError`
+    naming ``where`` and the line for invalid JSON or a value that is not an object.
+
+    Example:
+        >>> list(iter_jsonl_objects('{"text": "a"}\\n\\n{"text": "b"}', "corpus.jsonl"))
+        [(1, {'text': 'a'}), (3, {'text': 'b'})]
+    """
+    from .errors import DataError
+
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}.")
+        yield number, obj

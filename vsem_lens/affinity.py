@@ -146,10 +146,15 @@ class ReadoutKernel:
                 raise InputError("affinity readouts need the unit semantic basis vectors (unit_vectors=...).")
         self.layers = list(layers)
         self.readouts = dict(readouts)
-        self.W_U = model.W_U
-        b_U = model.b_U
+        # Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
+        # vocabulary in 8-bit-mantissa arithmetic would swamp the statistics.
+        self.dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
+        self.W_U = model.W_U.to(self.dtype)
+        b_U = model.b_U.to(self.dtype)
         self.b_U = b_U if bool((b_U != 0).any()) else None  # skip a [rows, vocab] pass when there is no bias
-        self.unit_T = unit_vectors.T if unit_vectors is not None else None
+        self.unit_T = (
+            unit_vectors.T.to(device=self.W_U.device, dtype=self.dtype) if unit_vectors is not None else None
+        )
         self.final_norm = model.final_norm
         self.d_vocab = model.d_vocab
         rows = max(1, min(max_rows, buffer_elements // self.d_vocab))
@@ -188,7 +193,7 @@ class ReadoutKernel:
         t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
         if t > self.tokens_per_chunk:
             raise InputError(f"at most {self.tokens_per_chunk} tokens per call, got {t}.")
-        final_logits = self.final_norm(x[last]) @ self.W_U
+        final_logits = self.final_norm(x[last]).to(self.dtype) @ self.W_U
         if self.b_U is not None:
             final_logits += self.b_U
         final_logp = torch.log_softmax(final_logits, dim=-1)

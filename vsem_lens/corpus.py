@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from importlib import resources
 from pathlib import Path
 
+from ._io import iter_jsonl_objects
 from .errors import DataError, InputError
 
 DEFAULT_CORPUS = "corpus.jsonl"
@@ -110,18 +110,7 @@ def _parse_txt(content: str, where: str) -> list[str]:
 
 def _parse_jsonl(content: str, where: str) -> list[str]:
     texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"corpus {where}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
-        if not isinstance(record, dict):
-            raise DataError(
-                f"corpus {where}, line {number}: expected a JSON object with a \"text\" field, got "
-                f"{type(record).__name__}."
-            )
+    for number, record in iter_jsonl_objects(content, f"corpus {where}"):
         if "text" not in record:
             fields = ", ".join(map(str, record)) or "none"
             raise DataError(f"corpus {where}, line {number}: no \"text\" field (fields: {fields}).")

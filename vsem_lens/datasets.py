@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import random
 import warnings
@@ -61,6 +60,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ._io import iter_jsonl_objects
 from .errors import DataError, InputError
 
 SPLITS = ("train", "validation", "test")
@@ -455,18 +455,7 @@ def _read_file(path: Path) -> list[Record]:
 
 
 def _parse_jsonl(content: str, where: str) -> list[Record]:
-    records = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}, line {number}: not valid JSON ({exc.msg}).") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}.")
-        records.append((number, obj))
-    return records
+    return list(iter_jsonl_objects(content, where))
 
 
 def _parse_csv(content: str, where: str) -> list[Record]:

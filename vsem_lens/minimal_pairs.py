@@ -59,6 +59,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ._io import iter_jsonl_objects
 from .errors import DataError, InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel, Tokens
@@ -480,15 +481,7 @@ def load_minimal_pairs(
 
 def _parse(content: str, where: str) -> list[MinimalPair]:
     pairs = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}, line {number}: not valid JSON ({exc.msg}).") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}.")
+    for number, obj in iter_jsonl_objects(content, where):
         for key in ("good", "bad", "phenomenon"):
             value = obj.get(key)
             if key not in obj:

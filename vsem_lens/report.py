@@ -67,11 +67,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .affinity import vocabulary_strings
+from .affinity import READOUT_MAX_ROWS, ReadoutKernel, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
 from .errors import InputError
@@ -97,12 +97,6 @@ EXAMPLE_MAX_TOKENS = 24
 EXAMPLE_TOP_K = 5
 #: Tokens sampled for the pairwise-cosine histogram of the semantic bases.
 COHERENCE_SAMPLE = 2048
-#: Elements of the readout buffer ([rows, d_vocab] float32; 2**25 elements = 128 MiB).
-READOUT_BUFFER_ELEMENTS = 2**25
-#: Upper bound on rows per readout product (larger products barely run faster on CPU).
-READOUT_MAX_ROWS = 512
-#: Rows per post-processing sub-chunk (log-softmax, KL, rank): small enough to stay in the CPU caches.
-SUB_ROWS = 32
 
 REPORT_FORMAT = 1
 GENERATOR = "vsem-lens report"
@@ -301,13 +295,9 @@ class LensAggregator:
     quantities per token, with the top-k tokens (for the example heatmaps). Both give the numbers of
     :class:`~vsem_lens.affinity.LayerReadout` (tested), at close to the cost of the bare products.
 
-    Kernel, per chunk of tokens: the residuals of all layers are stacked token-major into
-    ``[tokens x layers, d]`` and multiplied into a preallocated ``[rows, vocab]`` buffer (one large,
-    compute-bound product); then, per sub-chunk of ~:data:`SUB_ROWS` rows that stays in the CPU caches,
-    an out-of-place log-softmax into a small buffer, one batched product with the final distribution
-    (cross-entropy, hence KL), and the rank as a comparison with the gathered target score written over
-    that small buffer and summed (faster than a boolean count). Measured on the embedded model:
-    1.02x the bare products of the same shapes.
+    The per-chunk work is :class:`~vsem_lens.affinity.ReadoutKernel` (one fused all-layers product,
+    then cache-sized post-processing); this class adds the sampling across batches, the streaming
+    statistics, quantile values and the mergeable state.
 
     Example:
         >>> agg = LensAggregator(model, basis, layers=range(30))                     # doctest: +SKIP
@@ -335,19 +325,10 @@ class LensAggregator:
         # name -> (kind, lens); kind "lens" (unembedding) or "affinity" (unit semantic bases).
         self.readouts = readouts or {"lens": ("lens", basis.lens), "affinity": ("affinity", basis.lens)}
         self.names = list(self.readouts)
-        # Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
-        # vocabulary in 8-bit-mantissa arithmetic would swamp the statistics (which accumulate in float64).
-        self.dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
-        self.W_U = model.W_U.to(self.dtype)
-        b_U = model.b_U.to(self.dtype)
-        self.b_U = b_U if bool((b_U != 0).any()) else None
-        self.unit_T = basis.unit_vectors.T.to(device=self.W_U.device, dtype=self.dtype)
-        self.final_norm = model.final_norm
-        self.d_vocab = model.d_vocab
-        rows = max(1, min(max_rows, READOUT_BUFFER_ELEMENTS // self.d_vocab))
-        self.tokens_per_chunk = max(1, rows // len(self.layers))
-        self._rows = self.tokens_per_chunk * len(self.layers)
-        self._buffers_: tuple[Tensor, Tensor] | None = None
+        self.kernel = ReadoutKernel(
+            model, self.layers, self.readouts, unit_vectors=basis.unit_vectors, max_rows=max_rows
+        )
+        self.tokens_per_chunk = self.kernel.tokens_per_chunk
         shape = (len(self.names), len(self.layers))
         self.running = {stat: _Running(shape) for stat in self.STATS}
         self.agree = torch.zeros(shape, dtype=torch.float64)
@@ -359,16 +340,9 @@ class LensAggregator:
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._pending_tokens = 0
 
-    def _buffers(self) -> tuple[Tensor, Tensor]:
-        if self._buffers_ is None:
-            make = lambda rows: torch.empty(rows, self.d_vocab, dtype=self.W_U.dtype, device=self.W_U.device)  # noqa: E731
-            sub_rows = max(1, SUB_ROWS // len(self.layers)) * len(self.layers)
-            self._buffers_ = (make(self._rows), make(min(self._rows, sub_rows)))
-        return self._buffers_
-
     def release(self) -> None:
         """Free the readout buffers (statistics are kept)."""
-        self._buffers_ = None
+        self.kernel.release()
 
     def _rows_of(self, batch_layers: Sequence[int]) -> tuple[list[int], int]:
         index = {layer: i for i, layer in enumerate(batch_layers)}
@@ -487,66 +461,21 @@ class LensAggregator:
     def _readout_chunk(
         self, x: Tensor, rows: list[int], last: int, *, k: int, finals: dict[str, list[Tensor]] | None = None
     ) -> Iterator[tuple[str, dict[str, Tensor]]]:
-        """Readouts of one chunk of tokens; yields (name, values) with values [token, layer(, k)]."""
-        t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
-        final_logits = self.final_norm(x[last]).to(self.dtype) @ self.W_U
-        if self.b_U is not None:
-            final_logits += self.b_U
-        final_logp = torch.log_softmax(final_logits, dim=-1)
-        del final_logits
-        final_p = final_logp.exp()
-        neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(t)
-        final_ids = final_logp.argmax(dim=-1)
-        del final_logp
-        entropy_bits = -neg_entropy / LN2
+        """Readouts of one chunk of tokens (:class:`~vsem_lens.affinity.ReadoutKernel`); yields (name,
+        values) with values [token, layer(, k)], plus ``final_cos`` (the final top-1's cosine, affinity)."""
+        chunk_finals, results = self.kernel(x, rows, last, k=k)
+        entropy_bits = chunk_finals["final_entropy_bits"]
         self.final_entropy.update(0, entropy_bits.unsqueeze(1).cpu())
         if finals is not None:
-            finals["final_ids"].append(final_ids.cpu())
+            finals["final_ids"].append(chunk_finals["final_ids"].cpu())
             finals["final_entropy_bits"].append(entropy_bits.cpu())
-        scores_buffer, small = self._buffers()
-        scores = scores_buffer[: t * n_layers]
-        sub_tokens = max(1, SUB_ROWS // n_layers)
-        target_index = final_ids.view(t, 1, 1).expand(t, n_layers, 1)
-        for name in self.names:
-            kind, lens = self.readouts[name]
-            # Token-major rows [token, layer]: each token's final distribution applies to its L rows.
-            h = torch.stack([lens(x[row], layer) for row, layer in zip(rows, self.layers)], dim=1)
-            h = h.reshape(t * n_layers, -1).to(self.W_U.dtype)
-            if kind == "affinity":
-                h = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-                torch.mm(h, self.unit_T, out=scores)
-            elif self.b_U is not None:
-                torch.addmm(self.b_U, h, self.W_U, out=scores)
-            else:
-                torch.mm(h, self.W_U, out=scores)
-            grid = scores.view(t, n_layers, V)
-            target_score = grid.gather(2, target_index).squeeze(2)  # [t, L]
-            values: dict[str, Tensor] = {}
-            if k:
-                top_scores, top_ids = scores.topk(k, dim=-1)
-                values["top_ids"] = top_ids.view(t, n_layers, k).cpu()
-                values["top_scores"] = top_scores.view(t, n_layers, k).cpu()
-            # The rest runs on sub-chunks of ~SUB_ROWS rows that stay in cache: log-softmax into a small
-            # buffer, gather, product with the final distribution, then the rank comparison written over
-            # the same buffer (about 2.5x faster than full-chunk passes over DRAM).
-            cross_parts, target_parts, rank_parts = [], [], []
-            for a in range(0, t, sub_tokens):
-                b = min(t, a + sub_tokens)
-                block = small[: (b - a) * n_layers]
-                torch.log_softmax(scores[a * n_layers : b * n_layers], dim=-1, out=block)
-                block_grid = block.view(b - a, n_layers, V)
-                target_parts.append(block_grid.gather(2, target_index[a:b]).squeeze(2))
-                cross_parts.append(torch.bmm(block_grid, final_p[a:b].unsqueeze(2)).squeeze(2))
-                # Rank = number of strictly larger raw scores (as LayerReadout), as a float sum.
-                rank_parts.append(torch.gt(grid[a:b], target_score[a:b].unsqueeze(2), out=block_grid).sum(dim=2))
-            log_q_target = torch.cat(target_parts)
-            cross = torch.cat(cross_parts)  # sum_v p_v log q_v, [t, L]
-            rank = torch.cat(rank_parts)
-            values["rank"] = rank.to(torch.float64)
-            values["prob"] = log_q_target.exp()
-            values["kl_bits"] = (neg_entropy.unsqueeze(1) - cross).clamp_min(0.0) / LN2
-            values["target_score"] = target_score
-            values["final_cos"] = target_score if kind == "affinity" else torch.full_like(target_score, float("nan"))
+        for name, values in results.items():
+            for key in ("top_ids", "top_scores"):
+                if key in values:
+                    values[key] = values[key].cpu()
+            target = values["target_score"]
+            is_affinity = self.readouts[name][0] == "affinity"
+            values["final_cos"] = target if is_affinity else torch.full_like(target, float("nan"))
             yield name, values
 
     def kept(self, stat: str) -> Tensor:
@@ -595,7 +524,7 @@ class LensAggregator:
         self._kept = {stat: ([t.clone()] if t.shape[1] else []) for stat, t in state["kept"].items()}
         self.n_tokens, self.n_kept = int(state["n_tokens"]), int(state["n_kept"])
         if state["pending_resid"] is not None:
-            device = self.W_U.device
+            device = self.kernel.W_U.device
             self._pending = [(state["pending_resid"].to(device), state["pending_keep"].to(torch.bool))]
             self._pending_tokens = int(state["pending_keep"].numel())
         else:
@@ -1529,7 +1458,7 @@ def _figure_description(key: str) -> str:
 
 def _sections(report: Report, example_texts: list[str], example_meta: list[dict[str, Any]]) -> list[Section]:
     s = report.summary
-    p, tok, model = s["parameters"], s["tokens"], s["model"]
+    p, tok = s["parameters"], s["tokens"]
     frame = p["frame"]
     frame_words = {
         "final_norm": "after the model's own final norm (the logit-lens convention)",

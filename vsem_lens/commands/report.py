@@ -17,48 +17,7 @@ import sys
 import time
 
 from ..errors import InputError
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """Parse ``--layers``: ``all`` (or nothing) -> None; ``0,5,10`` (negative allowed) -> [0, 5, 10].
-
-    Example:
-        >>> parse_layers("0, 5,-1"), parse_layers("all")
-        ([0, 5, -1], None)
-    """
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return None
-    layers = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            layers.append(int(part))
-        except ValueError:
-            raise InputError(
-                f"--layers expects comma-separated layer indices such as 0,5,10 (negative counts from the end) "
-                f"or 'all'; {part!r} in {spec!r} is not an integer."
-            ) from None
-    return layers
-
-
-def parse_positive(spec: str, option: str, *, allow_all: bool = False) -> int | str:
-    """Parse a positive integer option (or ``all`` when allowed).
-
-    Example:
-        >>> parse_positive("2048", "--lens-tokens"), parse_positive("all", "--lens-tokens", allow_all=True)
-        (2048, 'all')
-    """
-    text = str(spec).strip().lower().replace("_", "")
-    if allow_all and text == "all":
-        return "all"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        extra = " or 'all'" if allow_all else ""
-        raise InputError(f"{option} expects a positive integer{extra}, got {spec!r}.")
-    return value
+from ._common import parse_layers, parse_positive
 
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
