@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .affinity import vocab_affinity, vocabulary_strings
 from .basis import SemanticBasis
-from .capture import check_layers, iter_capture
+from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import ArtifactError, InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel
@@ -346,6 +346,135 @@ def basis_coherence(
 # ---------------------------------------------------------------------------------- component view
 
 _DECOMP_STATS = ("spim", "cos", "dist", "norm_ratio")
+#: Sites a decomposition needs in each captured batch.
+DECOMPOSITION_SITES = ("embed", "attn_out", "mlp_out", "resid_post")
+
+
+class DecompositionAccumulator:
+    """Streaming residual decomposition: feed captured batches, read the tidy table (see
+    :func:`decomposition_by_layer` for the indicators and the columns).
+
+    Each batch must hold :data:`DECOMPOSITION_SITES` for the blocks :attr:`capture_layers`
+    (``0..max(layers)``); extra sites or layers are ignored, so one capture can serve several analyses.
+    Only running means and variances are kept (no token), in float64.
+
+    Args:
+        n_layers: the model's number of layers.
+        layers: residual layers to decompose (``None`` = all).
+        token_chunk: tokens per float64 working block (bounds memory to
+            ``(2 n_layers + 2) x token_chunk x d_model`` doubles).
+
+    Example:
+        >>> acc = DecompositionAccumulator(model.n_layers, layers=[5, 29])             # doctest: +SKIP
+        >>> for batch in iter_capture(model, corpus, sites=DECOMPOSITION_SITES,        # doctest: +SKIP
+        ...                           layers=acc.capture_layers):
+        ...     acc.update(batch)
+        >>> acc.table().query("layer == 29").head()                                  # doctest: +SKIP
+    """
+
+    def __init__(self, n_layers: int, layers: int | Sequence[int] | None = None, *, token_chunk: int = 256):
+        if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
+            raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
+        self.targets = check_layers(layers, n_layers)
+        #: Blocks whose outputs the batches must hold.
+        self.capture_layers = list(range(max(self.targets) + 1))
+        self.token_chunk = token_chunk
+        self.n_comp = 2 * len(self.capture_layers) + 1  # embed, attn_0, mlp_0, attn_1, mlp_1, ...
+        # Streams: [target layer, component (the remainder in the last slot)].
+        shape = (len(self.targets), self.n_comp + 1)
+        self.running = {name: _RunningScalars(shape) for name in _DECOMP_STATS}
+        self.max_abs = torch.zeros(len(self.targets), dtype=torch.float64)
+        self.max_rel = torch.zeros(len(self.targets), dtype=torch.float64)
+
+    def update(self, batch: ActivationBatch) -> "DecompositionAccumulator":
+        """Fold one captured batch in; returns ``self``."""
+        missing = [site for site in DECOMPOSITION_SITES if site not in batch.acts]
+        if missing:
+            raise InputError(f"the batch lacks sites {missing}; capture with sites={DECOMPOSITION_SITES}.")
+        absent = sorted(set(self.capture_layers) - set(batch.layers))
+        if absent:
+            raise InputError(f"the batch lacks layers {absent}; capture with layers={self.capture_layers}.")
+        index = [batch.layers.index(j) for j in self.capture_layers]
+        acts = batch.acts
+        attn, mlp = acts["attn_out"], acts["mlp_out"]
+        if index != list(range(len(index))) or len(index) != attn.shape[0]:
+            attn, mlp = attn[index], mlp[index]
+        resid_rows = torch.tensor([batch.layers.index(layer) for layer in self.targets])
+        # Components used by each target layer: embed + attn/mlp of blocks 0..layer.
+        target_index = torch.tensor(self.targets)
+        n_comp = self.n_comp
+        for start in range(0, batch.n_tokens, self.token_chunk):
+            span = slice(start, start + self.token_chunk)
+            # Components in residual order: embed, attn_0, mlp_0, attn_1, mlp_1, ... [n_comp, T, d].
+            comps = torch.empty(n_comp, *acts["embed"][0, span].shape, dtype=torch.float64)
+            comps[0] = acts["embed"][0, span]
+            comps[1::2] = attn[:, span]
+            comps[2::2] = mlp[:, span]
+            comp_norm = comps.norm(dim=-1)  # [n_comp, T]
+            # Residual reconstructed after each block: embed + sum_{j<=l} (attn_j + mlp_j). An in-place
+            # running sum (torch.cumsum over the leading axis is several times slower here).
+            reconstructed = torch.empty(len(self.capture_layers), *comps.shape[1:], dtype=torch.float64)
+            running_sum = comps[0].clone()
+            for j in range(len(self.capture_layers)):
+                running_sum += comps[2 * j + 1]
+                running_sum += comps[2 * j + 2]
+                reconstructed[j] = running_sum
+            # All target layers at once: every (layer, component) stream gets a value per token; the
+            # streams of components after a layer (k >= 2 layer + 3) are computed too but never reported.
+            e = acts["resid_post"][resid_rows.to(acts["resid_post"].device), span].to(torch.float64)  # [L, T, d]
+            e_sq = (e * e).sum(-1)  # [L, T]
+            if not bool((e_sq > 0).all()):
+                bad = self.targets[int((e_sq <= 0).any(dim=1).nonzero()[0])]
+                raise InputError(
+                    f"a residual at layer {bad} is all zeros, so its decomposition is undefined; check the model."
+                )
+            e_norm = e_sq.sqrt()
+            remainder = e - reconstructed[target_index]  # [L, T, d]
+            rem_norm = remainder.norm(dim=-1)  # [L, T]
+            self.max_abs = torch.maximum(self.max_abs, remainder.abs().amax(dim=(1, 2)))
+            self.max_rel = torch.maximum(self.max_rel, (rem_norm / e_norm).amax(dim=1))
+            dots = torch.cat(
+                [torch.einsum("ltd,ktd->lkt", e, comps), (remainder * e).sum(-1).unsqueeze(1)], dim=1
+            )  # [L, n_comp + 1, T]
+            norms = torch.cat([comp_norm.expand(len(self.targets), -1, -1), rem_norm.unsqueeze(1)], dim=1)
+            e_sq, e_norm = e_sq.unsqueeze(1), e_norm.unsqueeze(1)
+            values = {
+                "spim": dots / e_sq,
+                "cos": torch.where(norms > 0, dots / (norms * e_norm).clamp_min(1e-300), 0.0),
+                "dist": (norms.square() - 2 * dots + e_sq).clamp_min(0.0).sqrt(),
+                "norm_ratio": norms / e_norm,
+            }
+            for name, tensor in values.items():
+                self.running[name].update(tensor)
+        return self
+
+    def table(self) -> pd.DataFrame:
+        """The tidy table over every token folded in so far (columns: :func:`decomposition_by_layer`)."""
+        rows = []
+        names = ["embed"] + [f"{kind}_{j}" for j in self.capture_layers for kind in ("attn", "mlp")]
+        for t, layer in enumerate(self.targets):
+            n_used = 2 * layer + 3
+            for slot in list(range(n_used)) + [self.n_comp]:
+                if slot == self.n_comp:
+                    component, kind, comp_layer = "remainder", "remainder", layer
+                else:
+                    component = names[slot]
+                    kind = component.split("_")[0]
+                    comp_layer = -1 if slot == 0 else (slot - 1) // 2
+                row = {
+                    "layer": layer,
+                    "component": component,
+                    "component_layer": comp_layer,
+                    "kind": kind,
+                    "n_tokens": int(self.running["spim"].count[t, slot]),
+                }
+                for name in _DECOMP_STATS:
+                    row[f"{name}_mean"] = float(self.running[name].mean[t, slot])
+                    row[f"{name}_std"] = float(self.running[name].std()[t, slot])
+                row["reconstruction_error"] = float(self.max_abs[t])
+                row["reconstruction_rel_error"] = float(self.max_rel[t])
+                rows.append(row)
+        return pd.DataFrame(rows)
 
 
 def decomposition_by_layer(
@@ -368,7 +497,9 @@ def decomposition_by_layer(
     ``attn_out``, ``mlp_out`` and ``resid_post`` for blocks ``0..max(layers)``; per token the four
     indicators of Mickus & Vazquez (2023) are computed in float64 and folded into running means and
     variances, so no token is kept. ``spim`` sums to exactly 1 over the components (remainder
-    included), per token and hence in the means.
+    included), per token and hence in the means. The work per batch is a
+    :class:`DecompositionAccumulator`, which a streaming analysis that already captures these sites
+    (the report) can feed directly.
 
     Args:
         model: a :class:`~vsem_lens.models.HookedModel`.
@@ -392,89 +523,18 @@ def decomposition_by_layer(
         >>> dec = decomposition_by_layer(model, corpus, layers=[29])                  # doctest: +SKIP
         >>> dec.groupby("kind").spim_mean.sum()                                       # doctest: +SKIP
     """
-    if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
-        raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
-    targets = check_layers(layers, model.n_layers)
-    top = max(targets)
-    blocks = list(range(top + 1))
-    n_comp = 2 * len(blocks) + 1  # embed, attn_0, mlp_0, attn_1, mlp_1, ...
-    # Streams: [target layer, component (incl. remainder as the last slot)].
-    shape = (len(targets), n_comp + 1)
-    running = {name: _RunningScalars(shape) for name in _DECOMP_STATS}
-    max_abs = torch.zeros(len(targets), dtype=torch.float64)
-    max_rel = torch.zeros(len(targets), dtype=torch.float64)
+    acc = DecompositionAccumulator(model.n_layers, layers, token_chunk=token_chunk)
     for batch in iter_capture(
         model,
         texts,
-        sites=("embed", "attn_out", "mlp_out", "resid_post"),
-        layers=blocks,
+        sites=DECOMPOSITION_SITES,
+        layers=acc.capture_layers,
         batch_size=batch_size,
         max_length=max_length,
         progress=progress,
     ):
-        acts = batch.acts
-        for start in range(0, batch.n_tokens, token_chunk):
-            span = slice(start, start + token_chunk)
-            # Components in residual order: embed, attn_0, mlp_0, attn_1, mlp_1, ... [n_comp, T, d].
-            comps = torch.empty(n_comp, *acts["embed"][0, span].shape, dtype=torch.float64)
-            comps[0] = acts["embed"][0, span]
-            comps[1::2] = acts["attn_out"][:, span]
-            comps[2::2] = acts["mlp_out"][:, span]
-            comp_norm = comps.norm(dim=-1)  # [n_comp, T]
-            prefix = comps.cumsum(dim=0)  # running sums [n_comp, T, d]
-            for t, layer in enumerate(targets):
-                e = acts["resid_post"][layer, span].to(torch.float64)  # [T, d]
-                n_used = 2 * layer + 3  # embed + attn/mlp of blocks 0..layer
-                remainder = e - prefix[n_used - 1]
-                e_sq = (e * e).sum(-1)  # [T]
-                if not bool((e_sq > 0).all()):
-                    raise InputError(
-                        f"a residual at layer {layer} is all zeros, so its decomposition is undefined; "
-                        "check the model."
-                    )
-                e_norm = e_sq.sqrt()
-                max_abs[t] = torch.maximum(max_abs[t], remainder.abs().max())
-                rem_norm = remainder.norm(dim=-1)
-                max_rel[t] = torch.maximum(max_rel[t], (rem_norm / e_norm).max())
-                dots = torch.cat(
-                    [torch.einsum("ktd,td->kt", comps[:n_used], e), (remainder * e).sum(-1).unsqueeze(0)]
-                )  # [n_used + 1, T]
-                norms = torch.cat([comp_norm[:n_used], rem_norm.unsqueeze(0)])
-                dist_sq = norms.square() - 2 * dots + e_sq
-                values = {
-                    "spim": dots / e_sq,
-                    "cos": torch.where(norms > 0, dots / (norms * e_norm).clamp_min(1e-300), 0.0),
-                    "dist": dist_sq.clamp_min(0.0).sqrt(),
-                    "norm_ratio": norms / e_norm,
-                }
-                slots = list(range(n_used)) + [n_comp]
-                for name, tensor in values.items():
-                    running[name].update(tensor, (t, slots))
-    rows = []
-    names = ["embed"] + [f"{kind}_{j}" for j in blocks for kind in ("attn", "mlp")]
-    for t, layer in enumerate(targets):
-        n_used = 2 * layer + 3
-        for slot in list(range(n_used)) + [n_comp]:
-            if slot == n_comp:
-                component, kind, comp_layer = "remainder", "remainder", layer
-            else:
-                component = names[slot]
-                kind = component.split("_")[0]
-                comp_layer = -1 if slot == 0 else (slot - 1) // 2
-            row = {
-                "layer": layer,
-                "component": component,
-                "component_layer": comp_layer,
-                "kind": kind,
-                "n_tokens": int(running["spim"].count[t, slot]),
-            }
-            for name in _DECOMP_STATS:
-                row[f"{name}_mean"] = float(running[name].mean[t, slot])
-                row[f"{name}_std"] = float(running[name].std()[t, slot])
-            row["reconstruction_error"] = float(max_abs[t])
-            row["reconstruction_rel_error"] = float(max_rel[t])
-            rows.append(row)
-    return pd.DataFrame(rows)
+        acc.update(batch)
+    return acc.table()
 
 
 # ---------------------------------------------------------------------------------- affinity sparsity

@@ -605,7 +605,7 @@ _DECOMP_KEYS = ("layer", "component", "component_layer", "kind")
 class _DecompositionState:
     """Mergeable streaming state of the residual decomposition table.
 
-    Each batch's :func:`~vsem_lens.disentangle.decomposition_by_layer` table is a summary (count, mean,
+    Each batch's :class:`~vsem_lens.disentangle.DecompositionAccumulator` table is a summary (count, mean,
     std) per (layer, component) stream; it is folded in with Chan et al.'s pairwise update
     (``M2 = std^2 (n - 1)``), the reconstruction errors with a running maximum. The merged table
     equals one decomposition pass over all the batches up to float64 rounding.
@@ -916,10 +916,10 @@ def build_report(
 ) -> Report | None:
     """Build the layerwise semantic report of ``model`` over a corpus.
 
-    One streaming pass over the corpus (``iter_capture`` of ``resid_post`` at every requested layer
-    plus the last) feeds the isotropy statistics (every token, raw and final-norm frames), the
-    full-vocabulary readouts (the seeded sample of ``lens_tokens`` tokens) and the residual
-    decomposition (every token; it runs its own capture of the block outputs per batch). Everything
+    One streaming pass over the corpus (one ``iter_capture`` per batch of ``resid_post`` and the block
+    outputs ``embed``/``attn_out``/``mlp_out``) feeds the isotropy statistics (every token, raw and
+    final-norm frames), the full-vocabulary readouts (the seeded sample of ``lens_tokens`` tokens) and
+    the residual decomposition (every token). Everything
     corpus-wide is mergeable streaming state, so the pass can be split over processes and resumed.
 
     Args:
@@ -967,7 +967,7 @@ def build_report(
         >>> report.tables["prediction_formation"].query("readout == 'lens'")[["layer", "rank_median"]]  # doctest: +SKIP
     """
     from . import plots
-    from .disentangle import basis_coherence, decomposition_by_layer
+    from .disentangle import DECOMPOSITION_SITES, DecompositionAccumulator, basis_coherence
     from .distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shard_indices
     from .isotropy import IsotropyState
     from .report_plots import (
@@ -1034,6 +1034,9 @@ def build_report(
     iso = IsotropyState.for_model(model, sites=("resid_post",), frames=("raw", "final_norm"), layers=layer_list)
     agg = LensAggregator(model, basis, layers=layer_list, readouts=readouts)
     dec = _DecompositionState()
+    # One capture per batch serves all three: residuals for isotropy and readouts, block outputs for
+    # the decomposition.
+    capture_layers = sorted(set(agg.capture_layers) | set(range(max(layer_list) + 1)))
     lens_per_text = torch.zeros(len(plan.rows), dtype=torch.float64)
     my_batches = shard_indices(len(plan.batches), env)
     checkpoint = None
@@ -1081,7 +1084,9 @@ def build_report(
         text_ids = plan.batches[b]
         tokens = _batch_tokens(model, [plan.rows[i] for i in text_ids])
         t0 = time.perf_counter()
-        for batch in iter_capture(model, tokens, layers=agg.capture_layers, batch_size=len(text_ids)):
+        for batch in iter_capture(
+            model, tokens, sites=DECOMPOSITION_SITES, layers=capture_layers, batch_size=len(text_ids)
+        ):
             pass  # exactly one batch
         t1 = time.perf_counter()
         iso.update(batch)
@@ -1093,9 +1098,9 @@ def build_report(
             lens_per_text += torch.bincount(docs[select], minlength=len(plan.rows)).to(torch.float64)
             resid = batch.acts["resid_post"][:, select.to(batch.acts["resid_post"].device)]
             agg.update(resid, batch.layers, keep=plan.keep_mask[global_index][select])
-        del batch
         t3 = time.perf_counter()
-        dec.update(decomposition_by_layer(model, tokens, layers=layer_list, batch_size=len(text_ids)))
+        dec.update(DecompositionAccumulator(model.n_layers, layer_list).update(batch).table())
+        del batch
         t4 = time.perf_counter()
         if checkpoint is not None and done % every == 0 and done < len(my_batches):
             save_checkpoint(done)
@@ -1117,7 +1122,7 @@ def build_report(
     timings["capture (forward + hooks)"] = t_capture
     timings["isotropy statistics"] = t_iso
     timings["readouts (sampled tokens)"] = t_lens + time.perf_counter() - t4
-    timings["decomposition (own capture per batch)"] = t_dec
+    timings["decomposition statistics"] = t_dec
     if checkpoint is not None:
         timings["checkpoints"] = t_ckpt
     timings["pass overhead"] = max(0.0, pass_seconds - t_capture - t_iso - t_lens - t_dec - t_ckpt)
