@@ -68,3 +68,15 @@ def corpus_texts(n: int | None = None) -> list[str]:
     else:
         texts = [f"Sentence number {i} talks about rivers, mountains, code and people." for i in range(512)]
     return texts if n is None else (texts * (n // len(texts) + 1))[:n]
+
+
+def repeat_to_tokens(texts: list[str], lengths: list[int], n_tokens: int) -> list[str]:
+    """Whole texts, cycling through ``texts`` (with token counts ``lengths``), until ``n_tokens`` are reached."""
+    out, total = [], 0
+    while total < n_tokens:
+        for text, n in zip(texts, lengths):
+            out.append(text)
+            total += n
+            if total >= n_tokens:
+                break
+    return out

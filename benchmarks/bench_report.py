@@ -32,6 +32,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _measure import repeat_to_tokens  # noqa: E402
+
 
 def _texts_with_tokens(model, n_tokens: int) -> list[str]:
     from vsem_lens.corpus import load_corpus
@@ -44,14 +46,7 @@ def _texts_with_tokens(model, n_tokens: int) -> list[str]:
 
         base, source = corpus_texts(), "stand-in corpus (benchmarks/_measure.py)"
     lengths = model.tokenize(base, max_length=model.n_ctx).lengths.tolist()
-    texts, total = [], 0
-    while total < n_tokens:
-        for text, n in zip(base, lengths):
-            texts.append(text)
-            total += n
-            if total >= n_tokens:
-                break
-    return texts, source
+    return repeat_to_tokens(base, lengths, n_tokens), source
 
 
 def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:

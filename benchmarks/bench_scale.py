@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _measure import repeat_to_tokens  # noqa: E402
 
 
 def make_small_model(path: Path) -> Path:
@@ -71,13 +74,7 @@ def write_corpus(path: Path, n_tokens: int, model: str) -> int:
     base = vl.load_corpus("default")
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()) if model == "embedded" else model)
     lengths = [len(tokenizer(t)["input_ids"]) for t in base]
-    texts, total = [], 0
-    while total < n_tokens:
-        for text, n in zip(base, lengths):
-            texts.append(text)
-            total += n
-            if total >= n_tokens:
-                break
+    texts = repeat_to_tokens(base, lengths, n_tokens)
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return len(texts)
 

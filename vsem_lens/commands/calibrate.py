@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ._common import add_model_arguments
 
 
 def parse_verbalizer(spec: str | None) -> dict[str, str] | None:
@@ -115,7 +116,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; pass a directory.")
     say(f"task {task.name}: {len(task)} examples, classes {task.label_names}, words {task.label_words}")
-    model = load_model(args.model, prepend_bos=args.prepend_bos)
+    model = load_model(args.model, device=args.device, prepend_bos=args.prepend_bos)
     say(f"model {model.name} ({model.n_layers} layers, d_model {model.d_model}); BOS prepended: {model.prepend_bos}")
     splits = {s: task.split(s) for s in ("train", "validation", "test")}
     kw = dict(layer=args.layer, frame=args.frame, progress=not quiet)
@@ -248,8 +249,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split-column", default=None, help="split column of a task file (train/validation/test)")
     parser.add_argument("--verbalizer", default=None, help="label=word,... (default: the task's, or each label itself)")
     parser.add_argument("--template", default=None, help='prompt with one {text} slot, e.g. "Review: {text}\\nSentiment:"')
-    parser.add_argument("--model", default="embedded", help="embedded (default) | hub name | local HF dir | .gguf file")
-    parser.add_argument("--prepend-bos", action="store_true", help="prepend BOS to every prompt (TransformerLens convention)")
+    add_model_arguments(parser)
     parser.add_argument("--layer", type=int, default=-1, help="layer of the features (default -1, the last)")
     parser.add_argument("--frame", default="final_norm", choices=["final_norm", "raw"], help="feature frame (default final_norm)")
     parser.add_argument("--pool", default="tokens", choices=["tokens", "vector"],

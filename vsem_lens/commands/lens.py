@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ._common import add_model_arguments
 
 
 def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: bool) -> Path:
@@ -61,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"vsem-lens: {message}", file=sys.stderr)
 
     started = time.perf_counter()
-    model = load_model(args.model, prepend_bos=args.prepend_bos)
+    model = load_model(args.model, device=args.device, prepend_bos=args.prepend_bos)
     say(f"loaded {model.name} ({model.n_layers} layers) in {time.perf_counter() - started:.1f} s; "
         f"{len(texts)} texts; {config.steps} steps x {config.tokens_per_step} tokens, {config.optimizer} lr {config.lr}")
     cache_path = tuned_lens_cache_path(model)
@@ -105,9 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a tuned lens on a corpus. Saved to the cache (found automatically by frame='tuned' for "
         "this model) and to --out if given. Rerunning an interrupted command resumes from its checkpoint.",
     )
-    train.add_argument("--model", default="embedded", help="embedded (default) | hub name | local HF dir | .gguf file")
+    add_model_arguments(train)
     train.add_argument("--corpus", default="default", help="default | FILE.txt | FILE.jsonl | FILE.csv")
-    train.add_argument("--prepend-bos", action="store_true", help="prepend BOS to every text (TransformerLens convention)")
     train.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
     train.add_argument("--tokens-per-step", type=int, default=512, help="tokens per step (default 512)")
     train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],

@@ -17,7 +17,7 @@ import sys
 import time
 
 from ..errors import InputError
-from ._common import parse_layers, parse_positive
+from ._common import add_model_arguments, parse_layers, parse_positive
 
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     say(f"loading model {args.model!r} on {where}")
     start = time.perf_counter()
     if placement:
-        model = load_model(args.model, dtype=dtype, **placement)
+        model = load_model(args.model, dtype=dtype, prepend_bos=args.prepend_bos, **placement)
     else:
-        model = load_model(args.model, device=device, dtype=dtype)
+        model = load_model(args.model, device=device, dtype=dtype, prepend_bos=args.prepend_bos)
     load_seconds = time.perf_counter() - start
     say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {load_seconds:.1f} s")
     try:
@@ -167,7 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Layerwise semantic report of a model over a corpus: affinity maps, when the prediction "
         "forms, isotropy, disentanglement, run card. Writes a self-contained folder (index.html opens offline).",
     )
-    parser.add_argument("--model", default="embedded", help="embedded (default) | hub name | local HF dir | .gguf file")
+    add_model_arguments(parser)
     parser.add_argument(
         "--corpus", default="default", help="default (packaged corpus) | FILE.txt | FILE.jsonl (\"text\") | FILE.csv (\"text\")"
     )
@@ -186,7 +186,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"tokens sampled for the full-vocabulary readouts, or all (default {DEFAULT_LENS_TOKENS})",
     )
     parser.add_argument("--batch-size", default="8", metavar="B", help="texts per forward pass (default 8)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
     parser.add_argument("--out", default="vsem-report", help="output directory (default ./vsem-report)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token samples (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress output; print only the report path")
