@@ -103,3 +103,18 @@ def test_embedded_paris_emerges_late(embedded):
     early = last_pos[last_pos.layer < 10]
     assert (early.lens_final_rank > 0).all()  # the prediction is not formed in the first layers
     assert last_pos[last_pos.layer == 29].affinity_top1.iloc[0] == " Paris"
+
+
+def test_layer_readout_on_a_selection(tiny_model):
+    basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
+    readout = vl.affinity.LayerReadout(tiny_model, basis=basis, k=2)
+    batch = next(vl.iter_capture(tiny_model, TEXTS, layers=readout.capture_layers, batch_size=3))
+    full = readout(batch)
+    select = torch.arange(batch.n_tokens) % 3 == 0
+    part = readout(batch, select)
+    for name in ("lens", "affinity"):
+        for key, value in part.readouts[name].items():
+            assert torch.allclose(value.double(), full.readouts[name][key][:, select].double(), atol=1e-5), (name, key)
+    none = readout(batch, torch.zeros(batch.n_tokens, dtype=torch.bool))
+    assert none.final_ids.shape == (0,) and none.readouts["affinity"]["top_ids"].shape == (tiny_model.n_layers, 0, 2)
+    assert set(none.readouts["lens"]) == set(full.readouts["lens"])

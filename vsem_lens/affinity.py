@@ -308,6 +308,19 @@ class LayerReadout:
         if select is not None:
             resid = resid[:, select.to(resid.device)]
             doc_index, positions, token_ids = doc_index[select], positions[select], token_ids[select]
+        if resid.shape[1] == 0:  # nothing selected: the usual keys, with no tokens
+            n_layers, dtype = len(self.layers), self.kernel.dtype
+            empty = {
+                "top_ids": torch.empty(n_layers, 0, self.k, dtype=torch.long),
+                "top_scores": torch.empty(n_layers, 0, self.k, dtype=dtype),
+                "final_rank": torch.empty(n_layers, 0, dtype=torch.long),
+                **{key: torch.empty(n_layers, 0, dtype=dtype) for key in ("final_prob", "final_score", "kl_bits")},
+            }
+            return ReadoutBatch(
+                layers=self.layers, doc_index=doc_index, positions=positions, token_ids=token_ids,
+                final_ids=torch.empty(0, dtype=torch.long), final_entropy_bits=torch.empty(0, dtype=dtype),
+                readouts={name: dict(empty) for name in self.readouts},
+            )
         step = self.kernel.tokens_per_chunk
         finals: dict[str, list[Tensor]] = {}
         parts: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
@@ -327,14 +340,13 @@ class LayerReadout:
         }
         for by_key in readout_tensors.values():
             by_key["final_rank"] = by_key["final_rank"].long()
-        empty = torch.empty(0)
         return ReadoutBatch(
             layers=self.layers,
             doc_index=doc_index,
             positions=positions,
             token_ids=token_ids,
-            final_ids=torch.cat(finals["final_ids"]) if finals else empty.long(),
-            final_entropy_bits=torch.cat(finals["final_entropy_bits"]) if finals else empty,
+            final_ids=torch.cat(finals["final_ids"]),
+            final_entropy_bits=torch.cat(finals["final_entropy_bits"]),
             readouts=readout_tensors,
         )
 
