@@ -106,7 +106,7 @@ def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
         n_products = -(-total_rows // rows)
         sample = min(n_products, 96)
         h = torch.randn(rows, model.d_model)
-        W_U, unit_T = model.W_U, agg.unit_T
+        W_U, unit_T = model.W_U, agg.kernel.unit_T
         torch.matmul(h, W_U)
         start = time.perf_counter()
         for i in range(sample):
