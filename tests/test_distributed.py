@@ -271,3 +271,35 @@ def test_device_map_and_half_precision(tiny_dir, reference):
     np.testing.assert_allclose(iso["isoscore"], ref["isoscore"], rtol=0.1)
     form = report.tables["prediction_formation"]
     assert np.isfinite(form["kl_bits_mean"]).all() and (form["n_tokens"] == 80).all()
+
+
+# ---------------------------------------------------------------------------------- calibration features
+
+FEATURE_WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import vsem_lens as vl
+from vsem_lens.distributed import destroy, init_distributed
+from _tasks import tiny_task
+env = init_distributed()
+model = vl.load_model({model!r})
+feats = vl.extract_features(model, tiny_task(), batch_size=3, cache=False, progress=False, distributed=env)
+if env.rank == 1:  # every rank holds the whole result; rank 1 proves it
+    torch.save({{k: getattr(feats, k) for k in ("X", "X_mean", "X_max", "label_logits")}}, {out!r})
+destroy(env)
+"""
+
+
+def test_torchrun_feature_extraction_equals_one_process(tiny_dir, dir_model, tmp_path):
+    from _tasks import tiny_task
+
+    out = tmp_path / "features.pt"
+    script = tmp_path / "worker.py"
+    script.write_text(FEATURE_WORKER.format(tests=str(Path(__file__).parent), model=str(tiny_dir), out=str(out)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(out, weights_only=True)
+    single = vl.extract_features(dir_model, tiny_task(), batch_size=3, cache=False, progress=False)
+    for name, value in got.items():
+        assert torch.allclose(value, getattr(single, name), atol=1e-5), name

@@ -50,6 +50,7 @@ from ._io import atomic_write
 from .basis import word_token_ids
 from .capture import check_layers, hook_name
 from .datasets import TextClassificationTask
+from .distributed import SINGLE, DistEnv, all_gather_objects, shard_indices
 from .errors import InputError, NumericalError, VocabularyError
 from .models import HookedModel, cache_dir
 
@@ -204,6 +205,7 @@ def extract_features(
     max_length: int | None = None,
     cache: bool = True,
     progress: bool = True,
+    distributed: DistEnv | None = None,
 ) -> Features:
     """Zero-shot prompt features of a task's texts (or of other ``texts`` with the task's prompt).
 
@@ -219,6 +221,10 @@ def extract_features(
             Default: the model's context (longer texts are shortened, with a warning).
         cache: read and write the on-disk feature cache.
         progress: show a tqdm bar over batches.
+        distributed: a :class:`~vsem_lens.distributed.DistEnv` from
+            :func:`~vsem_lens.distributed.init_distributed` under ``torchrun``: batch ``b`` runs on rank
+            ``b % world_size`` and the features are gathered, so every rank returns the whole, identical
+            result (equal to one process's); only rank 0 writes the cache.
 
     Returns:
         :class:`Features` with ``X``/``X_mean``/``X_max`` [n, d] and ``label_logits`` [n, k]
@@ -245,20 +251,22 @@ def extract_features(
     label_ids = label_token_ids(model, task.label_words)
     key = feature_key(model, task.name, texts, task.template, label_ids, layer_abs, frame, max_length)
     path = cache_dir() / "features" / f"{_safe(task.name)}-L{layer_abs}-{frame}-{key}.safetensors"
-    if cache and path.is_file():
-        cached = _load(path, key)
-        if cached is not None:
-            tensors, seconds = cached
-            return Features(
-                **tensors, layer=layer_abs, frame=frame, label_token_ids=label_ids, key=key, from_cache=True, seconds=seconds
-            )
+    env = distributed or SINGLE
+    cached = _load(path, key) if cache and path.is_file() else None
+    if env.active:  # every rank must take the same branch, or the collectives below would hang
+        cached = cached if all(all_gather_objects(cached is not None, env)) else None
+    if cached is not None:
+        tensors, seconds = cached
+        return Features(
+            **tensors, layer=layer_abs, frame=frame, label_token_ids=label_ids, key=key, from_cache=True, seconds=seconds
+        )
     started = time.perf_counter()
     prompts, shortened = build_prompts(model, task.template, texts, max_length=max_length)
     if shortened:
         warnings.warn(f"{shortened} text(s) were shortened to fit max_length={max_length} tokens.", stacklevel=2)
-    tensors = _forward_features(model, prompts, layer_abs, frame, label_ids, batch_size, progress)
+    tensors = _forward_features(model, prompts, layer_abs, frame, label_ids, batch_size, progress, env)
     seconds = time.perf_counter() - started
-    if cache:
+    if cache and env.is_main:
         try:
             _save(path, tensors, key, task.name, layer_abs, frame, seconds)
         except OSError as exc:  # a read-only cache must not stop the analysis
@@ -276,6 +284,7 @@ def _forward_features(
     label_ids: list[int],
     batch_size: int,
     progress: bool,
+    env: DistEnv = SINGLE,
 ) -> dict[str, Tensor]:
     n, d = len(prompts), model.d_model
     lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
@@ -296,8 +305,9 @@ def _forward_features(
         return tensor
 
     names = sorted({hook_name("resid_post", layer), hook_name("resid_post", last_layer)})
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
+    starts = [list(range(0, n, batch_size))[b] for b in shard_indices(-(-n // batch_size), env)]
+    done: list[int] = []
+    for start in tqdm(starts, desc="features", unit="batch", disable=not (progress and env.is_main)):
         rows = order[start : start + batch_size]
         tokens = model.tokenize([prompts[i] for i in rows])
         ids, mask = tokens.ids.to(model.device), tokens.mask.to(model.device)
@@ -331,6 +341,12 @@ def _forward_features(
         out["X_mean"][index] = x_mean.cpu()
         out["X_max"][index] = x_max.cpu()
         out["label_logits"][index] = lab.cpu()
+        done.extend(rows)
+    if env.active:  # each rank filled its batches' rows: gather them so every rank holds all of them
+        mine = torch.tensor(done, dtype=torch.long)
+        for rows_of_rank, values in all_gather_objects((mine, {k: v[mine] for k, v in out.items()}), env):
+            for name, tensor in values.items():
+                out[name][rows_of_rank] = tensor
     return out
 
 
