@@ -58,3 +58,45 @@ def iter_jsonl_objects(content: str, where: str) -> Iterator[tuple[int, dict]]:
         if not isinstance(obj, dict):
             raise DataError(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}.")
         yield number, obj
+
+
+def read_user_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], formats: str) -> tuple[Path, str]:
+    """Read a user's UTF-8 text file, with a clear error for every way it can be wrong.
+
+    Args:
+        path: the file (``~`` is expanded).
+        what: how messages name it, e.g. ``"corpus file"``.
+        suffixes: accepted extensions (lower case, with the dot).
+        formats: what to pass instead, for the messages, e.g. ``"a .txt, .jsonl or .csv file"``.
+
+    Returns:
+        The path and its content (a UTF-8 byte-order mark is dropped).
+
+    Raises:
+        InputError: the file does not exist, is a directory, has another extension, or cannot be read.
+        DataError: the file is not UTF-8.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "t.txt"; _ = p.write_text("hi")
+        >>> read_user_file(p, "corpus file", (".txt",), "a .txt file")[1]
+        'hi'
+    """
+    from .errors import DataError, InputError
+
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise InputError(f"{what} {str(path)!r} does not exist; check the path.")
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory; pass {formats}.")
+    if suffix not in suffixes:
+        raise InputError(f"{what} {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; pass {formats}.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}.") from None
+    try:
+        return path, raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None

@@ -25,10 +25,9 @@ import csv
 import io
 import os
 from importlib import resources
-from pathlib import Path
 
-from ._io import iter_jsonl_objects
-from .errors import DataError, InputError
+from ._io import iter_jsonl_objects, read_user_file
+from .errors import DataError
 
 DEFAULT_CORPUS = "corpus.jsonl"
 FORMATS = (".txt", ".jsonl", ".csv")
@@ -56,28 +55,11 @@ def load_corpus(spec: str | os.PathLike = "default") -> list[str]:
     """
     if isinstance(spec, str) and spec == "default":
         return _parse("jsonl", default_corpus_text(), "the packaged default corpus")
-    path = Path(spec).expanduser()
-    suffix = path.suffix.lower()
-    if not path.exists():
-        raise InputError(f"corpus file {str(path)!r} does not exist; check the path (or use --corpus default).")
-    if path.is_dir():
-        raise InputError(f"corpus {str(path)!r} is a directory; pass a .txt, .jsonl or .csv file.")
-    if suffix not in FORMATS:
-        raise InputError(
-            f"corpus file {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; use .txt (one "
-            "text per line), .jsonl (a \"text\" field per line) or .csv (a \"text\" column)."
-        )
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read corpus file {str(path)!r}: {exc.strerror or exc}.") from None
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"corpus file {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8."
-        ) from None
-    return _parse(suffix[1:], content, repr(str(path)))
+    path, content = read_user_file(
+        spec, "corpus file", tuple(FORMATS), "a .txt (one text per line), .jsonl (a \"text\" field per line) "
+        "or .csv (a \"text\" column) file, or --corpus default"
+    )
+    return _parse(path.suffix.lower()[1:], content, repr(str(path)))
 
 
 def default_corpus_text() -> str:

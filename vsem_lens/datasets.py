@@ -60,7 +60,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ._io import iter_jsonl_objects
+from ._io import iter_jsonl_objects, read_user_file
 from .errors import DataError, InputError
 
 SPLITS = ("train", "validation", "test")
@@ -433,22 +433,11 @@ Record = tuple[int, Mapping[str, Any]]
 
 
 def _read_file(path: Path) -> list[Record]:
+    path, content = read_user_file(
+        path, "task file", (".jsonl", ".csv", ".json"),
+        "a .jsonl (one JSON object per line) or .csv (a header row) file",
+    )
     suffix = path.suffix.lower()
-    if not path.exists():
-        raise InputError(f"task file {str(path)!r} does not exist; check the path.")
-    if path.is_dir():
-        raise InputError(f"task file {str(path)!r} is a directory; pass a .jsonl or .csv file.")
-    if suffix not in (".jsonl", ".csv", ".json"):
-        raise InputError(
-            f"task file {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; use .jsonl (one JSON "
-            "object per line) or .csv (a header row)."
-        )
-    try:
-        content = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"task file {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
-    except OSError as exc:
-        raise InputError(f"cannot read task file {str(path)!r}: {exc.strerror or exc}.") from None
     if suffix == ".csv":
         return _parse_csv(content, repr(str(path)))
     return _parse_jsonl(content, repr(str(path)))

@@ -59,7 +59,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ._io import iter_jsonl_objects
+from ._io import iter_jsonl_objects, read_user_file
 from .errors import DataError, InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel, Tokens
@@ -456,18 +456,10 @@ def load_minimal_pairs(
         content = resources.files("vsem_lens").joinpath("data", DEFAULT_FILE).read_text(encoding="utf-8")
         pairs = _parse(content, "the packaged minimal pairs")
     else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise InputError(f"minimal-pair file {str(path)!r} does not exist; check the path.")
-        if path.is_dir() or path.suffix.lower() != ".jsonl":
-            raise InputError(
-                f"minimal-pair file {str(path)!r} must be a .jsonl file (one JSON object per line with "
-                "'good', 'bad' and 'phenomenon')."
-            )
-        try:
-            content = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
+        path, content = read_user_file(
+            spec, "minimal-pair file", (".jsonl",),
+            "a .jsonl file (one JSON object per line with 'good', 'bad' and 'phenomenon')",
+        )
         pairs = _parse(content, repr(str(path)))
     if phenomena is not None:
         present = {p.phenomenon for p in pairs}
