@@ -46,6 +46,7 @@ from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import ArtifactError, InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel
+from .stats import RunningScalars
 
 LN2 = math.log(2.0)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -55,37 +56,6 @@ FINE_BINS = 20_000
 
 # ---------------------------------------------------------------------------------- streaming scalars
 
-
-class _RunningScalars:
-    """Count, mean and centred sum of squares of many scalar streams at once (Chan et al. update).
-
-    Every stream of shape ``shape`` gets values along a trailing token axis; mean and std are exact
-    under any batching (no raw sum of squares, so no cancellation).
-    """
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.count = torch.zeros(shape, dtype=torch.float64)
-        self.mean = torch.zeros(shape, dtype=torch.float64)
-        self.m2 = torch.zeros(shape, dtype=torch.float64)
-
-    def update(self, values: Tensor, where: Any = Ellipsis) -> None:
-        """Fold ``values`` [..., token] into streams ``where`` (an index into the stream shape)."""
-        n_b = values.shape[-1]
-        if n_b == 0:
-            return
-        values = values.to(torch.float64)
-        mean_b = values.mean(dim=-1)
-        m2_b = (values - mean_b.unsqueeze(-1)).square().sum(dim=-1)
-        n_a = self.count[where]
-        n = n_a + n_b
-        delta = mean_b - self.mean[where]
-        self.mean[where] = self.mean[where] + delta * (n_b / n)
-        self.m2[where] = self.m2[where] + m2_b + delta.square() * (n_a * n_b / n)
-        self.count[where] = n
-
-    def std(self) -> Tensor:
-        """Sample standard deviation (ddof=1); NaN where fewer than 2 values were seen."""
-        return torch.where(self.count > 1, (self.m2 / (self.count - 1).clamp_min(1)).sqrt(), float("nan"))
 
 
 # ---------------------------------------------------------------------------------- basis view
@@ -382,7 +352,7 @@ class DecompositionAccumulator:
         self.n_comp = 2 * len(self.capture_layers) + 1  # embed, attn_0, mlp_0, attn_1, mlp_1, ...
         # Streams: [target layer, component (the remainder in the last slot)].
         shape = (len(self.targets), self.n_comp + 1)
-        self.running = {name: _RunningScalars(shape) for name in _DECOMP_STATS}
+        self.running = {name: RunningScalars(shape) for name in _DECOMP_STATS}
         self.max_abs = torch.zeros(len(self.targets), dtype=torch.float64)
         self.max_rel = torch.zeros(len(self.targets), dtype=torch.float64)
 
@@ -447,6 +417,34 @@ class DecompositionAccumulator:
             for name, tensor in values.items():
                 self.running[name].update(tensor)
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streaming state as plain tensors (for checkpoints; ``torch.load(weights_only=True)``)."""
+        return {
+            "targets": list(self.targets),
+            "running": {name: r.state_dict() for name, r in self.running.items()},
+            "max_abs": self.max_abs.clone(),
+            "max_rel": self.max_rel.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (same target layers)."""
+        if list(state["targets"]) != self.targets:
+            raise InputError("the saved decomposition state tracks other layers than this accumulator.")
+        for name, saved in state["running"].items():
+            self.running[name].load_state_dict(saved)
+        self.max_abs, self.max_rel = state["max_abs"].clone(), state["max_rel"].clone()
+
+    def all_reduce(self, env: Any) -> None:
+        """Combine the state of every ``torch.distributed`` rank in place; every rank gets it."""
+        from .distributed import all_reduce_max
+
+        if not env.active:
+            return
+        for running in self.running.values():
+            running.all_reduce(env)
+        self.max_abs = all_reduce_max(self.max_abs, env)
+        self.max_rel = all_reduce_max(self.max_rel, env)
 
     def table(self) -> pd.DataFrame:
         """The tidy table over every token folded in so far (columns: :func:`decomposition_by_layer`)."""
@@ -599,7 +597,7 @@ def affinity_sparsity_by_layer(
         raise InputError(f"basis must be a SemanticBasis, got {type(basis).__name__}.")
     lens = basis.lens if isinstance(frame, str) and frame == basis.frame else resolve_frame(frame, model)
     keys = ("entropy_bits", "topk_mass", "top1_prob", "top1_cosine")
-    running = {key: _RunningScalars((len(layer_list), 2)) for key in keys}  # readout 0 affinity, 1 lens
+    running = {key: RunningScalars((len(layer_list), 2)) for key in keys}  # readout 0 affinity, 1 lens
     W_U = model.W_U
     for batch in iter_capture(
         model, texts, layers=layer_list, batch_size=batch_size, max_length=max_length, progress=progress

@@ -77,6 +77,7 @@ from .capture import check_layers, iter_capture
 from .errors import InputError
 from .lenses import Lens, check_frame
 from .models import HookedModel, Tokens, check_texts
+from .stats import RunningScalars
 
 #: Default number of sampled tokens whose every layer is read out over the whole vocabulary. Measured on
 #: the embedded model (2 CPU cores): ~24 ms per token for 30 layers x 2 readouts, so 512 tokens cost
@@ -251,32 +252,6 @@ TABLE_DESCRIPTIONS = {
 # ---------------------------------------------------------------------------------- fused readouts
 
 
-class _Running:
-    """Count, mean and centred sum of squares of a [readout, layer] grid of scalar streams (Chan)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.count = torch.zeros(shape, dtype=torch.float64)
-        self.mean = torch.zeros(shape, dtype=torch.float64)
-        self.m2 = torch.zeros(shape, dtype=torch.float64)
-
-    def update(self, index: int, values: Float[Tensor, "token layer"]) -> None:
-        values = values.to(torch.float64)
-        n_b = values.shape[0]
-        if n_b == 0:
-            return
-        mean_b = values.mean(0)
-        m2_b = (values - mean_b).square().sum(0)
-        n_a = self.count[index]
-        n = n_a + n_b
-        delta = mean_b - self.mean[index]
-        self.mean[index] += delta * (n_b / n)
-        self.m2[index] += m2_b + delta.square() * (n_a * n_b / n)
-        self.count[index] = n
-
-    def std(self) -> Tensor:
-        return torch.where(self.count > 1, (self.m2 / (self.count - 1).clamp_min(1)).sqrt(), float("nan"))
-
-
 class LensAggregator:
     """Full-vocabulary readouts of sampled tokens at every layer, folded into per-layer statistics.
 
@@ -330,9 +305,9 @@ class LensAggregator:
         )
         self.tokens_per_chunk = self.kernel.tokens_per_chunk
         shape = (len(self.names), len(self.layers))
-        self.running = {stat: _Running(shape) for stat in self.STATS}
+        self.running = {stat: RunningScalars(shape) for stat in self.STATS}
         self.agree = torch.zeros(shape, dtype=torch.float64)
-        self.final_entropy = _Running((1, 1))
+        self.final_entropy = RunningScalars((1, 1))
         self.quantile_capacity = int(quantile_capacity)
         self._kept: dict[str, list[Tensor]] = {stat: [] for stat in ("rank", "prob", "kl_bits")}
         self.n_tokens = 0
@@ -407,7 +382,7 @@ class LensAggregator:
         kept: dict[str, list[Tensor]] = {stat: [] for stat in self._kept}
         for r, (_, values) in enumerate(self._readout_chunk(x, rows, last, k=0)):
             for stat in self.STATS:
-                self.running[stat].update(r, values[stat].cpu())
+                self.running[stat].update(values[stat].cpu().T, r)  # [layer, token] into streams r
             self.agree[r] += (values["rank"] == 0).sum(0).cpu().to(torch.float64)
             if n_keep:
                 for stat in self._kept:
@@ -465,7 +440,7 @@ class LensAggregator:
         values) with values [token, layer(, k)], plus ``final_cos`` (the final top-1's cosine, affinity)."""
         chunk_finals, results = self.kernel(x, rows, last, k=k)
         entropy_bits = chunk_finals["final_entropy_bits"]
-        self.final_entropy.update(0, entropy_bits.unsqueeze(1).cpu())
+        self.final_entropy.update(entropy_bits.unsqueeze(0).cpu(), 0)
         if finals is not None:
             finals["final_ids"].append(chunk_finals["final_ids"].cpu())
             finals["final_entropy_bits"].append(entropy_bits.cpu())
@@ -500,7 +475,7 @@ class LensAggregator:
         return {
             "names": list(self.names),
             "layers": list(self.layers),
-            "running": {k: {"count": r.count.clone(), "mean": r.mean.clone(), "m2": r.m2.clone()} for k, r in running.items()},
+            "running": {k: r.state_dict() for k, r in running.items()},
             "agree": self.agree.clone(),
             "kept": {stat: self.kept(stat).clone() for stat in self._kept},
             "n_tokens": int(self.n_tokens),
@@ -518,8 +493,7 @@ class LensAggregator:
         if list(state["names"]) != self.names or list(state["layers"]) != self.layers:
             raise InputError("the saved readout state tracks other readouts or layers than this aggregator.")
         for key, saved in state["running"].items():
-            target = self.final_entropy if key == "final_entropy" else self.running[key]
-            target.count, target.mean, target.m2 = (saved[n].clone() for n in ("count", "mean", "m2"))
+            (self.final_entropy if key == "final_entropy" else self.running[key]).load_state_dict(saved)
         self.agree = state["agree"].clone()
         self._kept = {stat: ([t.clone()] if t.shape[1] else []) for stat, t in state["kept"].items()}
         self.n_tokens, self.n_kept = int(state["n_tokens"]), int(state["n_kept"])
@@ -536,14 +510,14 @@ class LensAggregator:
         Means and variances combine exactly (k-way Chan update), counts add, and the values kept for
         quantiles are gathered (at most :data:`QUANTILE_CAPACITY` tokens over all ranks).
         """
-        from .distributed import all_gather_objects, all_reduce_moments, all_reduce_sum
+        from .distributed import all_gather_objects, all_reduce_sum
 
         if not env.active:
             return
         if self._pending_tokens:
             raise InputError("flush() the aggregator before reducing it over ranks.")
-        for r in [*self.running.values(), self.final_entropy]:
-            r.count, r.mean, r.m2 = all_reduce_moments(r.count, r.mean, r.m2, env)
+        for running in [*self.running.values(), self.final_entropy]:
+            running.all_reduce(env)
         self.agree = all_reduce_sum(self.agree, env)
         gathered = all_gather_objects({stat: self.kept(stat) for stat in self._kept}, env)
         self._kept = {stat: [g[stat] for g in gathered if g[stat].shape[1]] for stat in self._kept}
@@ -598,103 +572,9 @@ class LensAggregator:
 
 # ---------------------------------------------------------------------------------- decomposition state
 
-_DECOMP_STATS = ("spim", "cos", "dist", "norm_ratio")
-_DECOMP_KEYS = ("layer", "component", "component_layer", "kind")
-
-
-class _DecompositionState:
-    """Mergeable streaming state of the residual decomposition table.
-
-    Each batch's :class:`~vsem_lens.disentangle.DecompositionAccumulator` table is a summary (count, mean,
-    std) per (layer, component) stream; it is folded in with Chan et al.'s pairwise update
-    (``M2 = std^2 (n - 1)``), the reconstruction errors with a running maximum. The merged table
-    equals one decomposition pass over all the batches up to float64 rounding.
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[str, list[Any]] | None = None
-        self.count = torch.zeros(0, dtype=torch.float64)
-        self.mean: dict[str, Tensor] = {}
-        self.m2: dict[str, Tensor] = {}
-        self.max_abs = torch.zeros(0, dtype=torch.float64)
-        self.max_rel = torch.zeros(0, dtype=torch.float64)
-
-    def _init(self, keys: dict[str, list[Any]]) -> None:
-        n = len(keys["layer"])
-        self.keys = keys
-        self.count = torch.zeros(n, dtype=torch.float64)
-        self.mean = {s: torch.zeros(n, dtype=torch.float64) for s in _DECOMP_STATS}
-        self.m2 = {s: torch.zeros(n, dtype=torch.float64) for s in _DECOMP_STATS}
-        self.max_abs = torch.zeros(n, dtype=torch.float64)
-        self.max_rel = torch.zeros(n, dtype=torch.float64)
-
-    def update(self, df: pd.DataFrame) -> None:
-        keys = {k: df[k].tolist() for k in _DECOMP_KEYS}
-        if self.keys is None:
-            self._init(keys)
-        elif keys != self.keys:
-            raise InputError("decomposition tables of different layers cannot be merged.")
-        col = lambda name: torch.tensor(df[name].to_numpy(dtype=np.float64))  # noqa: E731
-        n_b = col("n_tokens")
-        n_a = self.count
-        n = n_a + n_b
-        safe = n.clamp_min(1.0)
-        for stat in _DECOMP_STATS:
-            mean_b = torch.nan_to_num(col(f"{stat}_mean"))
-            m2_b = torch.where(n_b > 1, torch.nan_to_num(col(f"{stat}_std")).square() * (n_b - 1), 0.0)
-            delta = mean_b - self.mean[stat]
-            self.m2[stat] = self.m2[stat] + m2_b + delta.square() * (n_a * n_b / safe)
-            self.mean[stat] = self.mean[stat] + delta * (n_b / safe)
-        self.count = n
-        self.max_abs = torch.maximum(self.max_abs, col("reconstruction_error"))
-        self.max_rel = torch.maximum(self.max_rel, col("reconstruction_rel_error"))
-
-    def all_reduce(self, env: Any) -> None:
-        from .distributed import all_reduce_max, all_reduce_moments, all_reduce_sum
-
-        if not env.active:
-            return
-        count = self.count
-        for stat in _DECOMP_STATS:
-            n, self.mean[stat], self.m2[stat] = all_reduce_moments(count, self.mean[stat], self.m2[stat], env)
-        self.count = all_reduce_sum(count, env)
-        self.max_abs = all_reduce_max(self.max_abs, env)
-        self.max_rel = all_reduce_max(self.max_rel, env)
-
-    def table(self) -> pd.DataFrame:
-        if self.keys is None:
-            raise InputError("no decomposition was computed (no batch was processed).")
-        df = pd.DataFrame({k: v for k, v in self.keys.items()})
-        df["n_tokens"] = self.count.round().to(torch.int64).numpy()
-        for stat in _DECOMP_STATS:
-            df[f"{stat}_mean"] = self.mean[stat].numpy()
-            std = torch.where(self.count > 1, (self.m2[stat] / (self.count - 1).clamp_min(1)).sqrt(), float("nan"))
-            df[f"{stat}_std"] = std.numpy()
-        df["reconstruction_error"] = self.max_abs.numpy()
-        df["reconstruction_rel_error"] = self.max_rel.numpy()
-        return df
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "keys": self.keys,
-            "count": self.count.clone(),
-            "mean": {k: v.clone() for k, v in self.mean.items()},
-            "m2": {k: v.clone() for k, v in self.m2.items()},
-            "max_abs": self.max_abs.clone(),
-            "max_rel": self.max_rel.clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.keys = state["keys"]
-        self.count = state["count"].clone()
-        self.mean = {k: v.clone() for k, v in state["mean"].items()}
-        self.m2 = {k: v.clone() for k, v in state["m2"].items()}
-        self.max_abs, self.max_rel = state["max_abs"].clone(), state["max_rel"].clone()
-
-
 # ---------------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the decomposition state is DecompositionAccumulator's
 
 
 def _corpus_hash(texts: Sequence[str]) -> str:
@@ -1033,7 +913,7 @@ def build_report(
     # -- one streaming pass: isotropy and decomposition on every token, readouts on the sample ---
     iso = IsotropyState.for_model(model, sites=("resid_post",), frames=("raw", "final_norm"), layers=layer_list)
     agg = LensAggregator(model, basis, layers=layer_list, readouts=readouts)
-    dec = _DecompositionState()
+    dec = DecompositionAccumulator(model.n_layers, layer_list)
     # One capture per batch serves all three: residuals for isotropy and readouts, block outputs for
     # the decomposition.
     capture_layers = sorted(set(agg.capture_layers) | set(range(max(layer_list) + 1)))
@@ -1099,7 +979,7 @@ def build_report(
             resid = batch.acts["resid_post"][:, select.to(batch.acts["resid_post"].device)]
             agg.update(resid, batch.layers, keep=plan.keep_mask[global_index][select])
         t3 = time.perf_counter()
-        dec.update(DecompositionAccumulator(model.n_layers, layer_list).update(batch).table())
+        dec.update(batch)
         del batch
         t4 = time.perf_counter()
         if checkpoint is not None and done % every == 0 and done < len(my_batches):

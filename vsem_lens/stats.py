@@ -74,6 +74,58 @@ def select_points(
     return x.detach().reshape(-1, dim)  # statistics are not differentiable
 
 
+class RunningScalars:
+    """Count, mean and centred sum of squares of many scalar streams at once (Chan et al. update).
+
+    Every stream of shape ``shape`` gets values along a trailing token axis; mean and std are exact
+    under any batching (no raw sum of squares, so no cancellation), and the state merges across
+    processes (:meth:`all_reduce`) and checkpoints (:meth:`state_dict`).
+
+    Example:
+        >>> r = RunningScalars((2,)); r.update(torch.tensor([[1., 2., 3.], [0., 0., 4.]]))
+        >>> r.mean.tolist(), r.std()[0].item()
+        ([2.0, 1.3333333333333333], 1.0)
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.count = torch.zeros(shape, dtype=torch.float64)
+        self.mean = torch.zeros(shape, dtype=torch.float64)
+        self.m2 = torch.zeros(shape, dtype=torch.float64)
+
+    def update(self, values: Tensor, where: Any = Ellipsis) -> None:
+        """Fold ``values`` [..., token] into streams ``where`` (an index into the stream shape)."""
+        n_b = values.shape[-1]
+        if n_b == 0:
+            return
+        values = values.to(torch.float64)
+        mean_b = values.mean(dim=-1)
+        m2_b = (values - mean_b.unsqueeze(-1)).square().sum(dim=-1)
+        n_a = self.count[where]
+        n = n_a + n_b
+        delta = mean_b - self.mean[where]
+        self.mean[where] = self.mean[where] + delta * (n_b / n)
+        self.m2[where] = self.m2[where] + m2_b + delta.square() * (n_a * n_b / n)
+        self.count[where] = n
+
+    def std(self) -> Tensor:
+        """Sample standard deviation (ddof=1); NaN where fewer than 2 values were seen."""
+        return torch.where(self.count > 1, (self.m2 / (self.count - 1).clamp_min(1)).sqrt(), float("nan"))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``count``, ``mean`` and ``m2`` (copies), for checkpoints."""
+        return {"count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.count, self.mean, self.m2 = (state[name].clone() for name in ("count", "mean", "m2"))
+
+    def all_reduce(self, env: Any) -> None:
+        """Combine the streams of every ``torch.distributed`` rank in place (exact Chan update)."""
+        from .distributed import all_reduce_moments
+
+        self.count, self.mean, self.m2 = all_reduce_moments(self.count, self.mean, self.m2, env)
+
+
 class Moments:
     """Running count, mean and centred scatter matrix of ``dim``-dimensional points.
 
