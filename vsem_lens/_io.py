@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temporary path next to ``path``, then move it into place.
 
     The temporary file is removed if ``write`` raises, and the destination is left untouched.
+    ``mkdir=False`` lets a missing folder fail (``OSError``) instead of creating it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)

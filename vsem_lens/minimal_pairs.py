@@ -59,7 +59,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ._io import iter_jsonl_objects, read_user_file
+from ._io import atomic_write, iter_jsonl_objects, read_user_file
 from .errors import DataError, InputError
 from .lenses import Lens, resolve_frame
 from .models import HookedModel, Tokens
@@ -418,11 +418,8 @@ def write_minimal_pairs(pairs: Iterable[MinimalPair], path: str | os.PathLike) -
         >>> write_minimal_pairs(generate_minimal_pairs(1), "/tmp/pairs.jsonl").name
         'pairs.jsonl'
     """
-    path = Path(path)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
-    return path
+    text = "".join(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n" for pair in pairs)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
 def snapshot_path() -> Path:

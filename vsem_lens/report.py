@@ -71,6 +71,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .affinity import READOUT_MAX_ROWS, ReadoutKernel, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
@@ -633,22 +634,6 @@ def checkpoint_key(model: HookedModel, texts: Sequence[str], parameters: dict[st
     return "report-" + hashlib.blake2b(blob, digest_size=10).hexdigest()
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` into a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class _Checkpoint:
     """This rank's checkpoint file ``<dir>/<key>/rank<r>-of-<w>.pt`` (atomic writes, safe loads)."""
 
@@ -672,7 +657,8 @@ class _Checkpoint:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        _atomic_torch_save({"format": CHECKPOINT_FORMAT, "key": self.key, **state}, self.path)
+        payload = {"format": CHECKPOINT_FORMAT, "key": self.key, **state}
+        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
 
     def remove(self, env: Any) -> None:
         with contextlib.suppress(OSError):

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
+from ._io import atomic_write
 from .errors import ArtifactError, InputError, NumericalError
 
 _FORMAT = "vsem_lens.Moments"
@@ -365,25 +365,15 @@ class Moments:
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {"format": _FORMAT, "version": _FORMAT_VERSION}
+        from safetensors import SafetensorError
+
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mkdir=False)
+        except (OSError, RuntimeError, SafetensorError) as exc:
             raise ArtifactError(
-                f"cannot write Moments to {path}: {exc.strerror or exc}; "
+                f"cannot write Moments to {path}: {getattr(exc, 'strerror', None) or exc}; "
                 "check that the folder exists and is writable."
             ) from None
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(exc, (OSError, RuntimeError)):
-                raise ArtifactError(f"cannot write Moments to {path}: {exc}") from None
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: Any = None) -> Moments:

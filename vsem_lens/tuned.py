@@ -53,7 +53,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,6 +65,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import iter_capture
+from ._io import atomic_write
 from .errors import ArtifactError, InputError, NumericalError
 from .lenses import Lens
 from .models import HookedModel, Tokens, cache_dir, check_texts
@@ -372,17 +372,8 @@ class TunedLens(Lens):
             "training": self.config.to_dict() if self.config is not None else None,
             **{k: v for k, v in self.metadata.items() if k not in ("training",)},
         }
-        tag = uuid.uuid4().hex[:8]
-        tmp_weights, tmp_config = path / f".weights-{tag}.safetensors", path / f".config-{tag}.json"
-        try:
-            save_file(tensors, str(tmp_weights))
-            tmp_config.write_text(json.dumps(config, indent=2))
-            os.replace(tmp_weights, path / WEIGHTS_FILE)
-            os.replace(tmp_config, path / CONFIG_FILE)
-        finally:
-            for tmp in (tmp_weights, tmp_config):
-                if tmp.exists():
-                    tmp.unlink()
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         return path
 
     @classmethod
@@ -637,13 +628,7 @@ class _Trainer:
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
             "seconds": self.seconds,
         }
-        tmp = directory / f".{CHECKPOINT_FILE}.{uuid.uuid4().hex[:8]}"
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, directory / CHECKPOINT_FILE)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
     def _load_checkpoint(self, directory: Path) -> int:
         path = directory / CHECKPOINT_FILE

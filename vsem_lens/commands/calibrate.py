@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
+from .._io import atomic_write
 from ._common import add_model_arguments
 
 
@@ -162,7 +162,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     rows = pd.DataFrame([head_row] + ([] if table is None else table.to_dict(orient="records")))
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "baselines.csv", rows.to_csv(index=False))
+    csv_text = rows.to_csv(index=False)
+    atomic_write(out / "baselines.csv", lambda tmp: tmp.write_text(csv_text))
     summary = {
         "task": task.name,
         "model": model.name,
@@ -180,19 +181,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         "baselines": [r.as_row() for r in results],
         "head_dir": str(head_dir),
     }
-    _atomic_write(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    metrics_text = json.dumps(summary, indent=2, default=str)
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(metrics_text))
     if not args.keep_checkpoint:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if not quiet:
         print(rows[["method", "accuracy", "macro_f1", "wall_time_s"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(str(out))
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_classify(args: argparse.Namespace) -> int:
