@@ -18,7 +18,8 @@ import torch
 import vsem_lens as vl
 from vsem_lens.distributed import SINGLE, DistEnv, all_reduce_moments, shard, torchrun_env
 from vsem_lens.errors import InputError
-from vsem_lens.report import _corpus_hash, build_report, checkpoint_key
+from vsem_lens._io import texts_digest
+from vsem_lens.report import build_report, checkpoint_key
 
 from conftest import TINY_TEXTS, make_tiny_hf
 
@@ -142,7 +143,7 @@ def test_checkpoint_key_tracks_arguments(dir_model):
     assert key != checkpoint_key(dir_model, CORPUS, {**base, "seed": 2})
     assert key != checkpoint_key(dir_model, CORPUS, {**base, "world_size": 2})
     assert key != checkpoint_key(dir_model, CORPUS[:-1], base)
-    assert _corpus_hash(["ab", "c"]) != _corpus_hash(["a", "bc"])
+    assert texts_digest(["ab", "c"]) != texts_digest(["a", "bc"])
 
 
 # ---------------------------------------------------------------------------------- torchrun == one process

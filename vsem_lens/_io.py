@@ -12,11 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
@@ -102,3 +103,20 @@ def read_user_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]
         return path, raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{what} {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
+
+
+def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
+    """A hex digest of a sequence of texts (length-prefixed, so ``["ab", "c"]`` and ``["a", "bc"]`` differ).
+
+    One corpus identity for every cache and checkpoint key.
+
+    Example:
+        >>> texts_digest(["ab", "c"]) != texts_digest(["a", "bc"])
+        True
+    """
+    digest = hashlib.blake2b(digest_size=digest_size)
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, texts_digest
 from .basis import word_token_ids
 from .capture import check_layers, hook_name
 from .datasets import TextClassificationTask
@@ -173,13 +173,12 @@ def feature_key(
         >>> len(feature_key(model, "t", ["a"], "{text}", [1, 2], 29, "final_norm", None))  # doctest: +SKIP
         24
     """
-    text_hash = hashlib.sha256("\x1f".join(texts).encode("utf-8")).hexdigest()
     payload = json.dumps(
         {
             "format": FORMAT_VERSION,
             "model": model.fingerprint,
             "task": task_name,
-            "texts": text_hash,
+            "texts": texts_digest(texts),
             "n": len(texts),
             "template": template,
             "labels": list(map(int, label_ids)),

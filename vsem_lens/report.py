@@ -71,7 +71,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, texts_digest
 from .affinity import READOUT_MAX_ROWS, ReadoutKernel, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
@@ -578,15 +578,6 @@ class LensAggregator:
 CHECKPOINT_FORMAT = 2  # 2: the decomposition state is DecompositionAccumulator's
 
 
-def _corpus_hash(texts: Sequence[str]) -> str:
-    digest = hashlib.blake2b(digest_size=10)
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
 def _weights_digest(model: HookedModel) -> str:
     """A hash of every parameter's name, shape, sum and absolute sum (one read of the weights)."""
     digest = hashlib.blake2b(digest_size=10)
@@ -627,7 +618,7 @@ def checkpoint_key(model: HookedModel, texts: Sequence[str], parameters: dict[st
         "format": CHECKPOINT_FORMAT,
         "model": {"name": model.name, "fingerprint": model.fingerprint, "weights": _weights_digest(model),
                   "dtype": str(model.dtype), "prepend_bos": model.prepend_bos},
-        "corpus": _corpus_hash(texts),
+        "corpus": texts_digest(texts),
         "parameters": parameters,
     }
     blob = json.dumps(_jsonable(spec), sort_keys=True).encode()

@@ -14,24 +14,21 @@ Example:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from .._io import texts_digest
 from ..errors import InputError
 from ._common import add_model_arguments
 
 
 def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: bool) -> Path:
     """One checkpoint folder per (model, corpus content, hyper-parameters) so unrelated runs never collide."""
-    digest = hashlib.blake2b(digest_size=5)
-    digest.update(json.dumps([config.to_dict(), prepend_bos], sort_keys=True).encode())
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
-    tag = digest.hexdigest()
+    settings = json.dumps([config.to_dict(), prepend_bos], sort_keys=True)
+    tag = texts_digest([settings, *texts], digest_size=5)
     return cache_path.parent / ".checkpoints" / f"{cache_path.name}-{tag}"
 
 
