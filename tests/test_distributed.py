@@ -280,27 +280,132 @@ FEATURE_WORKER = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import vsem_lens as vl
-from vsem_lens.distributed import destroy, init_distributed
+from vsem_lens.cli import main
+from vsem_lens.distributed import init_distributed
 from _tasks import tiny_task
 env = init_distributed()
 model = vl.load_model({model!r})
 feats = vl.extract_features(model, tiny_task(), batch_size=3, cache=False, progress=False, distributed=env)
 if env.rank == 1:  # every rank holds the whole result; rank 1 proves it
     torch.save({{k: getattr(feats, k) for k in ("X", "X_mean", "X_max", "label_logits")}}, {out!r})
-destroy(env)
+# `vsem-lens calibrate --distributed` on the same process group (it leaves the group at the end).
+sys.exit(main({calibrate!r}))
 """
 
 
-def test_torchrun_feature_extraction_equals_one_process(tiny_dir, dir_model, tmp_path):
+def _write_task_file(path: Path) -> Path:
     from _tasks import tiny_task
 
-    out = tmp_path / "features.pt"
-    script = tmp_path / "worker.py"
-    script.write_text(FEATURE_WORKER.format(tests=str(Path(__file__).parent), model=str(tiny_dir), out=str(out)))
+    task = tiny_task()
+    path.write_text("\n".join(json.dumps({"text": t, "label": lab, "split": s})
+                              for t, lab, s in zip(task.texts, task.labels, task.splits)))
+    return path
+
+
+def test_torchrun_feature_extraction_equals_one_process(tiny_dir, dir_model, tmp_path, monkeypatch):
+    """Features from 2 ranks equal one process's; `calibrate --distributed` (features shared, head on rank 0)
+    writes the same head and metrics as a single-process `calibrate`."""
+    from _tasks import tiny_task
+
+    from vsem_lens.calibration import CalibratedModel
+    from vsem_lens.cli import main
+
+    out, script = tmp_path / "features.pt", tmp_path / "worker.py"
+    task_file = _write_task_file(tmp_path / "tiny.jsonl")
+    calibrate = ["calibrate", "--task", str(task_file), "--split-column", "split", "--model", str(tiny_dir),
+                 "--verbalizer", "animal=cat,food=apples", "--epochs", "3", "--baselines", "zero-shot,knn", "--quiet"]
+    script.write_text(FEATURE_WORKER.format(tests=str(Path(__file__).parent), model=str(tiny_dir), out=str(out),
+                                            calibrate=[*calibrate, "--distributed", "--out", str(tmp_path / "two")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    env = dict(_subprocess_env(), VSEM_LENS_CACHE=str(tmp_path / "cache-two"))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == [str(tmp_path / "two")]  # only rank 0 printed (and wrote)
     got = torch.load(out, weights_only=True)
     single = vl.extract_features(dir_model, tiny_task(), batch_size=3, cache=False, progress=False)
     for name, value in got.items():
         assert torch.allclose(value, getattr(single, name), atol=1e-5), name
+
+    assert len(list((tmp_path / "cache-two" / "features").glob("*.safetensors"))) == 3  # rank 0 cached the splits
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path / "cache-one"))  # compute again, do not read rank 0's cache
+    assert main([*calibrate, "--out", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert one["test"] == two["test"] and one["split_sizes"] == two["split_sizes"]
+    assert [b["accuracy"] for b in one["baselines"]] == [b["accuracy"] for b in two["baselines"]]
+    heads = [CalibratedModel.load(tmp_path / run / "head", model=dir_model).head for run in ("one", "two")]
+    weights = [head._weights() for head in heads]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------- tuned-lens training (DDP)
+
+LENS_FIT = dict(steps=6, tokens_per_step=32, seed=2, progress=False)
+# 5 tokens per step = one text prefix per step, so rank 1 has no tokens at all (it still joins DDP's all-reduce).
+LENS_FIT_ONE_ROW = dict(steps=3, tokens_per_step=5, seed=2, progress=False)
+
+LENS_WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from vsem_lens.cli import main
+import vsem_lens as vl
+from vsem_lens.distributed import init_distributed
+from vsem_lens.tuned import TunedLens
+texts = {texts!r}
+env = init_distributed()
+model = vl.load_model({model!r})
+steps = []  # rank 0 alone calls the callback
+lenses = {{
+    "one_row": TunedLens.fit(model, texts, distributed=True, **{one_row!r}),
+    "resumed": TunedLens.fit(model, texts, distributed=env, checkpoint_dir={checkpoints!r},
+                             callback=lambda step, info: steps.append(step), **{fit!r}),
+}}
+assert steps == ([3, 4, 5, 6] if env.rank == 0 else []), steps
+if env.rank == 1:  # every rank returns the whole lens; rank 1 proves it
+    torch.save({{k: {{"weight": v.weight, "bias": v.bias, "kl": torch.tensor(v.history_.kl_bits.to_numpy())}}
+                for k, v in lenses.items()}}, {out!r})
+# The CLI on the same process group (rank 0 writes the lens; the command leaves the group at the end).
+sys.exit(main(["lens", "train", "--distributed", "--model", {model!r}, "--corpus", {corpus!r}, "--steps", "6",
+               "--tokens-per-step", "32", "--seed", "2", "--no-cache", "--out", {cli_out!r}, "--quiet"]))
+"""
+
+
+def test_torchrun_tuned_lens_equals_one_process(tiny_dir, dir_model, tmp_path):
+    """DDP over 2 ranks trains the lens one process trains (to float32 rounding), also with an empty rank,
+    when resuming a 1-process checkpoint, and through `vsem-lens lens train --distributed`."""
+    from vsem_lens.tuned import TunedLens
+
+    texts = CORPUS[:12]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts), encoding="utf-8")
+    checkpoints = tmp_path / "checkpoints"
+
+    def stop_after_3(step, info):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # one process trains 2 steps (checkpointed), then dies
+        TunedLens.fit(dir_model, texts, checkpoint_dir=checkpoints, checkpoint_every=2, callback=stop_after_3,
+                      **LENS_FIT)
+    out, cli_out, script = tmp_path / "lenses.pt", tmp_path / "cli-lens", tmp_path / "worker.py"
+    script.write_text(LENS_WORKER.format(
+        tests=str(Path(__file__).parent), texts=texts, model=str(tiny_dir), one_row=LENS_FIT_ONE_ROW, fit=LENS_FIT,
+        checkpoints=str(checkpoints), out=str(out), corpus=str(corpus), cli_out=str(cli_out),
+    ))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == [str(cli_out)]  # only rank 0 printed (and wrote)
+
+    got = torch.load(out, weights_only=True)
+    single = {"one_row": TunedLens.fit(dir_model, texts, **LENS_FIT_ONE_ROW),
+              "resumed": TunedLens.fit(dir_model, texts, **LENS_FIT)}
+    for name, lens in single.items():
+        assert lens.weight.abs().max() > 1e-3, name  # the translators did move
+        torch.testing.assert_close(got[name]["weight"], lens.weight, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name]["bias"], lens.bias, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name]["kl"], torch.tensor(lens.history_.kl_bits.to_numpy()), rtol=1e-5, atol=1e-7)
+    from_cli = TunedLens.load(cli_out, model=dir_model)
+    torch.testing.assert_close(from_cli.weight, single["resumed"].weight, rtol=1e-4, atol=1e-6)
+    assert from_cli.metadata["summary"]["world_size"] == 2

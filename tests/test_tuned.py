@@ -78,25 +78,35 @@ def test_manual_gradient_matches_autograd(tiny_model):
     """The hand-written backward through the unembedding (q - p) equals autograd on the plain KL."""
     cfg = TrainingConfig(steps=1, tokens_per_step=40, token_chunk=16).resolved()
     trainer = _Trainer(tiny_model, TRAIN, cfg)
+    tr = trainer.translators
     torch.manual_seed(0)
     with torch.no_grad():
-        for a, b in zip(trainer.A, trainer.b):
-            a.normal_(std=0.05)
-            b.normal_(std=0.05)
+        tr.weight.normal_(std=0.05)
+        tr.bias.normal_(std=0.05)
     resid = trainer._capture(0)
-    grads_A, grads_b, kl = trainer._gradients(resid)
+    assert resid.shape[1] == 40
+    kl = trainer._accumulate_gradients(resid) / 40
+    # Only the translators receive gradients, never the model's own (final-norm) parameters.
+    assert all(p.grad is None for p in tiny_model.bridge.parameters())
     W, b_U = tiny_model.W_U, tiny_model.b_U
     log_p = torch.log_softmax(tiny_model.final_norm(resid[-1]) @ W + b_U, dim=-1)
+    A, b = tr.weight.detach().clone().requires_grad_(), tr.bias.detach().clone().requires_grad_()
     for layer in range(tiny_model.n_layers - 1):
         h = resid[layer]
-        log_q = torch.log_softmax(
-            tiny_model.final_norm(h + h @ trainer.A[layer].T + trainer.b[layer]) @ W + b_U, dim=-1
-        )
+        log_q = torch.log_softmax(tiny_model.final_norm(h + h @ A[layer].T + b[layer]) @ W + b_U, dim=-1)
         loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-        gA, gb = torch.autograd.grad(loss, (trainer.A[layer], trainer.b[layer]))
-        torch.testing.assert_close(grads_A[layer], gA, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(grads_b[layer], gb, rtol=1e-4, atol=1e-6)
+        gA, gb = torch.autograd.grad(loss, (A, b))
+        torch.testing.assert_close(tr.weight.grad[layer], gA[layer], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(tr.bias.grad[layer], gb[layer], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(kl[layer].float(), loss.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_rows_are_shared_out_by_tokens():
+    from vsem_lens.tuned import _assign_rows
+
+    assert _assign_rows([9, 5, 4, 3], 2) == [0, 1, 1, 0]
+    assert _assign_rows([7], 3) == [0]
+    assert _assign_rows([4, 4, 4], 1) == [0, 0, 0]
 
 
 def test_token_chunk_does_not_change_the_result(tiny_model):

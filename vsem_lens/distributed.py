@@ -142,6 +142,32 @@ def init_distributed(
     return DistEnv(env.rank, env.world_size, env.local_rank, backend, coll_device)
 
 
+def resolve_env(distributed: "DistEnv | bool | None", *, device: str | torch.device, command: str) -> DistEnv:
+    """The :class:`DistEnv` behind a ``distributed=`` argument of the Python API.
+
+    ``False``/``None`` -> :data:`SINGLE`; a :class:`DistEnv` -> itself; ``True`` -> join the torchrun
+    process group (:func:`init_distributed` on ``device``). ``command`` names the CLI command for the
+    error message.
+
+    Raises:
+        InputError: ``True`` outside torchrun (no ``RANK``/``WORLD_SIZE``).
+
+    Example:
+        >>> resolve_env(False, device="cpu", command="report") is SINGLE
+        True
+    """
+    if isinstance(distributed, DistEnv):
+        return distributed
+    if not distributed:
+        return SINGLE
+    if torchrun_env() is None:
+        raise InputError(
+            f"distributed=True (--distributed) needs torchrun: launch with `torchrun --nproc_per_node=N -m "
+            f"vsem_lens.cli {command} --distributed ...` (RANK and WORLD_SIZE are not set)."
+        )
+    return init_distributed(device=device)
+
+
 def rank_device(env: DistEnv, device: str | torch.device) -> str:
     """The compute device of this rank: ``cuda`` -> ``cuda:LOCAL_RANK`` under nccl; else unchanged.
 

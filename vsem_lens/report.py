@@ -825,7 +825,7 @@ def build_report(
     """
     from . import plots
     from .disentangle import DECOMPOSITION_SITES, DecompositionAccumulator, basis_coherence
-    from .distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shard_indices
+    from .distributed import all_gather_objects, all_reduce_sum, resolve_env, shard_indices
     from .isotropy import IsotropyState
     from .report_plots import (
         plot_affinity_map,
@@ -855,17 +855,7 @@ def build_report(
     if checkpoint_every is not None and checkpoint_dir is None:
         raise InputError("checkpoint_every needs checkpoint_dir (where to write the checkpoints).")
     example_texts = check_texts(examples) if examples is not None else texts[:DEFAULT_N_EXAMPLES]
-    if isinstance(distributed, DistEnv):
-        env = distributed
-    elif distributed:
-        env = init_distributed(device=model.device)
-        if env is SINGLE and "RANK" not in os.environ:
-            raise InputError(
-                "distributed=True (--distributed) needs torchrun: launch with "
-                "`torchrun --nproc_per_node=N -m vsem_lens.cli report --distributed ...` (RANK/WORLD_SIZE unset)."
-            )
-    else:
-        env = SINGLE
+    env = resolve_env(distributed, device=model.device, command="report")
     log = _logger(progress and env.is_main)
 
     with _stage(timings, "basis"):

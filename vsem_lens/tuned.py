@@ -34,6 +34,13 @@ betas (0.9, 0.999), ``lr`` 1e-3, warm-up ``min(1000, steps // 5)``); a linear de
 rate to zero at ``steps``; gradient-norm clipping at 1.0 (per translator here, globally in tuned-lens).
 The step and token budget is CPU-sized (tuned-lens trains 250 steps of 2^18 tokens on a GPU).
 
+Multi-process training (``distributed=True`` under ``torchrun``, ``vsem-lens lens train --distributed``):
+every rank builds the same plan, forwards its share of each step's texts, and the translators are
+wrapped in ``DistributedDataParallel``, which averages the ranks' gradients; each rank's gradient is
+scaled so the average is the gradient of the mean KL over all the step's tokens. N ranks therefore
+train the same lens as one process (up to the order of float32 sums), with each step's model forward
+and vocabulary work split N ways.
+
 Determinism: the text order comes from ``seed`` alone, every step uses a fixed set of token prefixes,
 and nothing else is random, so two runs with the same corpus, config and torch thread count give the
 same weights; a run resumed from a checkpoint gives the same weights as an uninterrupted one.
@@ -47,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,6 +73,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import iter_capture
+from .distributed import SINGLE, DistEnv, all_reduce_sum, resolve_env
 from ._io import atomic_write
 from .errors import ArtifactError, InputError, NumericalError
 from .lenses import Lens
@@ -74,6 +83,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 2  # 2: translators stacked in one module (DDP); 1 (per-layer tensors) is refused
 LN2 = math.log(2.0)
 OPTIMIZERS = ("sgd", "adam")
 UNEMBED_DTYPES = ("float32", "bfloat16")
@@ -241,6 +251,7 @@ class TunedLens(Lens):
         resume: bool = True,
         progress: bool = True,
         callback: Callable[[int, dict[str, Any]], None] | None = None,
+        distributed: DistEnv | bool = False,
         **hyperparameters: Any,
     ) -> "TunedLens":
         """Train a tuned lens for ``model`` on ``texts`` (see the module docstring for the method).
@@ -259,6 +270,11 @@ class TunedLens(Lens):
             callback: called as ``callback(step, info)`` after each step (``step`` counts completed
                 steps; ``info`` has ``lr``, ``kl_bits`` [per layer], ``tokens``, ``seconds``). An
                 exception raised by it stops training (the last checkpoint stays on disk).
+            distributed: ``True`` inside ``torchrun`` (or a :class:`~vsem_lens.distributed.DistEnv`):
+                every rank runs this call with the same arguments, takes its share of each step's texts,
+                and the translators train under ``DistributedDataParallel`` (the gradient is that of the
+                mean KL over all the step's tokens, as in one process). Every rank returns the same lens;
+                rank 0 alone writes checkpoints, shows progress and calls ``callback``.
 
         Returns:
             the trained :class:`TunedLens` (``history_`` holds the training curve).
@@ -278,7 +294,8 @@ class TunedLens(Lens):
             raise InputError(f"checkpoint_every must be at least 1, got {checkpoint_every}.")
         if model.n_layers < 2:
             raise InputError("a tuned lens needs a model with at least 2 layers (the last one is the identity).")
-        trainer = _Trainer(model, check_texts(texts), cfg)
+        env = resolve_env(distributed, device=model.device, command="lens train")
+        trainer = _Trainer(model, check_texts(texts), cfg, env)
         return trainer.run(
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
             checkpoint_every=checkpoint_every,
@@ -457,19 +474,56 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
-class _Trainer:
-    """The training loop behind :meth:`TunedLens.fit` (one instance per call)."""
+def _assign_rows(lengths: Sequence[int], world_size: int) -> list[int]:
+    """The rank of each row (rows sorted longest first): each row goes to the rank with the fewest tokens.
 
-    def __init__(self, model: HookedModel, texts: list[str], cfg: TrainingConfig):
-        self.model, self.cfg = model, cfg
+    Deterministic (ties go to the lowest rank), so every rank computes the same assignment.
+
+    Example:
+        >>> _assign_rows([9, 5, 4, 3], 2)
+        [0, 1, 1, 0]
+    """
+    load = [0] * world_size
+    owner = []
+    for n in lengths:
+        rank = min(range(world_size), key=load.__getitem__)
+        owner.append(rank)
+        load[rank] += n
+    return owner
+
+
+class _Translators(torch.nn.Module):
+    """All translators as two stacked parameters: one module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, n_translators: int, d_model: int, device: str | torch.device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n_translators, d_model, d_model, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(n_translators, d_model, device=device))
+
+    def forward(self, h: Float[Tensor, "translator token d_model"]) -> Float[Tensor, "translator token d_model"]:
+        """``h + A_l h + b_l`` for every translator ``l`` at once."""
+        return torch.baddbmm(self.bias.unsqueeze(1), h, self.weight.transpose(1, 2)) + h
+
+
+class _Trainer:
+    """The training loop behind :meth:`TunedLens.fit` (one instance per call).
+
+    Under ``torchrun`` (``env.active``) every rank computes the same plan, takes its share of each
+    step's texts (:func:`_assign_rows`), and the translators are wrapped in
+    ``DistributedDataParallel``, which sums the ranks' gradients in backward; each rank scales its
+    gradient by ``world_size / tokens_per_step`` so DDP's average is the gradient of the mean KL over
+    *all* the step's tokens, the same as one process's. Clipping and the optimiser step then run on
+    identical gradients on every rank, so the translators stay identical without further messages.
+    """
+
+    def __init__(self, model: HookedModel, texts: list[str], cfg: TrainingConfig, env: DistEnv = SINGLE):
+        self.model, self.cfg, self.env = model, cfg, env
         self.n_tr, self.d = model.n_layers - 1, model.d_model
         self.token_ids = self._tokenize(texts)
         self.corpus_hash = self._hash_corpus()
         self.plan = self._plan()
-        device = model.device
-        self.A = [torch.zeros(self.d, self.d, device=device, requires_grad=True) for _ in range(self.n_tr)]
-        self.b = [torch.zeros(self.d, device=device, requires_grad=True) for _ in range(self.n_tr)]
-        params = [p for pair in zip(self.A, self.b) for p in pair]
+        self.translators = _Translators(self.n_tr, self.d, model.device)
+        params = list(self.translators.parameters())
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(
                 params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
@@ -485,6 +539,20 @@ class _Trainer:
         self.history: list[list[float]] = []
         self.lrs: list[float] = []
         self.seconds = 0.0
+        self.ddp: torch.nn.Module | None = None
+
+    def _wrap(self) -> torch.nn.Module:
+        """The module the loss runs through: the translators, or their DDP wrapper under torchrun."""
+        if not self.env.active:
+            return self.translators
+        if self.ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            on_cuda = torch.device(self.model.device).type == "cuda"
+            device_ids = [torch.device(self.model.device).index or 0] if on_cuda else None
+            # DDP broadcasts rank 0's parameters here, after every rank loaded the same checkpoint.
+            self.ddp = DistributedDataParallel(self.translators, device_ids=device_ids)
+        return self.ddp
 
     # -- data ----------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -525,8 +593,13 @@ class _Trainer:
             plan.append(step)
         return plan
 
-    def _tokens_for(self, step: int) -> Tokens:
+    def _tokens_for(self, step: int) -> Tokens | None:
+        """This rank's rows of the step (longest first, right-padded), or ``None`` if it has none."""
         rows = sorted((self.token_ids[i][:n] for i, n in self.plan[step]), key=len, reverse=True)
+        owner = _assign_rows([len(r) for r in rows], self.env.world_size)
+        rows = [row for row, rank in zip(rows, owner) if rank == self.env.rank]
+        if not rows:
+            return None
         width = len(rows[0])
         ids = torch.full((len(rows), width), self.model.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -536,69 +609,81 @@ class _Trainer:
         return Tokens(ids, mask)
 
     # -- one step ------------------------------------------------------------------------------
-    def _capture(self, step: int) -> Tensor:
+    def _capture(self, step: int) -> Float[Tensor, "layer token d_model"]:
+        tokens = self._tokens_for(step)
+        if tokens is None:  # more ranks than texts in this step: an empty share (still joins the all-reduce)
+            return torch.zeros(self.model.n_layers, 0, self.d, device=self.model.device)
         parts = [
             batch.acts["resid_post"]
-            for batch in iter_capture(self.model, self._tokens_for(step), layers=None, batch_size=self.cfg.batch_size)
+            for batch in iter_capture(self.model, tokens, layers=None, batch_size=self.cfg.batch_size)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _gradients(self, resid: Float[Tensor, "layer token d_model"]) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Gradients of the mean per-token KL for every translator, and the KL (nats) per layer."""
+    def _accumulate_gradients(self, resid: Float[Tensor, "layer token d_model"]) -> Float[Tensor, "translator"]:
+        """Add the gradient of the step's mean per-token KL to ``.grad``; return this rank's summed KL (nats).
+
+        The vocabulary is handled ``token_chunk`` tokens at a time: for each chunk the translators
+        and final norm run forward with autograd (all layers at once), the gradient of the KL with
+        respect to the normed residual is computed layer by layer without autograd (``(q - p) W_U^T``),
+        and one backward call takes it to ``A`` and ``b``. Under DDP the gradients are summed over
+        ranks in the backward of the rank's last chunk.
+        """
         model, cfg = self.model, self.cfg
         n_tok = resid.shape[1]
-        grads_A = [torch.zeros_like(a) for a in self.A]
-        grads_b = [torch.zeros_like(b) for b in self.b]
+        scale = self.env.world_size / cfg.tokens_per_step  # DDP averages over ranks
+        module = self._wrap()
         kl_sum = torch.zeros(self.n_tr, dtype=torch.float64)
         W, W_T = self.W, self.W.T
-        for start in range(0, n_tok, cfg.token_chunk):
+        starts = list(range(0, n_tok, cfg.token_chunk)) or [0]
+        for start in starts:
+            stop = start + cfg.token_chunk
             with torch.no_grad():
                 # Targets: the final distribution, from the last layer's residual (exact float32).
-                final_logits = model.final_norm(resid[-1, start : start + cfg.token_chunk]).float() @ self.W_f32
+                final_logits = model.final_norm(resid[-1, start:stop]).float() @ self.W_f32
                 if self.b_U is not None:
                     final_logits += self.b_U
                 p = torch.log_softmax(final_logits, dim=-1)
                 del final_logits
                 neg_entropy = _rowdot(p.exp(), p)
                 p.exp_()
-            for layer in range(self.n_tr):
-                h = resid[layer, start : start + cfg.token_chunk].float()
+            sync = start == starts[-1] or self.ddp is None
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.enable_grad():
-                    translated = torch.addmm(self.b[layer], h, self.A[layer].T) + h
-                    normed = model.final_norm(translated)
+                    normed = model.final_norm(module(resid[:-1, start:stop].float()))
+                grad_normed = torch.empty(normed.shape, dtype=normed.dtype, device=normed.device)
                 with torch.no_grad():
-                    logits = normed.detach().to(W.dtype) @ W
-                    if self.b_U is not None:
-                        logits = logits.float().add_(self.b_U)
-                    log_q = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-                    del logits
-                    kl_sum[layer] += (neg_entropy - _rowdot(p, log_q)).sum().double()
-                    # dKL/dlogits = q - p per token, written straight in the matmul dtype (one pass).
-                    q = log_q.exp_()
-                    diff = q.sub_(p) if W.dtype == q.dtype else torch.sub(q, p, out=torch.empty_like(q, dtype=W.dtype))
-                    del log_q, q
-                    grad_normed = (diff @ W_T).float().div_(n_tok)
-                    del diff
-                gA, gb = torch.autograd.grad(normed, (self.A[layer], self.b[layer]), grad_normed.to(normed.dtype))
-                grads_A[layer] += gA
-                grads_b[layer] += gb
-        return grads_A, grads_b, kl_sum / n_tok
+                    for layer in range(self.n_tr):
+                        logits = normed[layer].detach().to(W.dtype) @ W
+                        if self.b_U is not None:
+                            logits = logits.float().add_(self.b_U)
+                        log_q = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                        del logits
+                        kl_sum[layer] += (neg_entropy - _rowdot(p, log_q)).sum().double()
+                        # dKL/dlogits = q - p per token, written straight in the matmul dtype (one pass).
+                        q = log_q.exp_()
+                        diff = q.sub_(p) if W.dtype == q.dtype else torch.sub(q, p, out=torch.empty_like(q, dtype=W.dtype))
+                        del log_q, q
+                        grad_normed[layer] = (diff @ W_T).float().mul_(scale)
+                        del diff
+                # inputs=: only the translators get gradients (never the model's final-norm weights).
+                normed.backward(grad_normed, inputs=list(self.translators.parameters()))
+        return kl_sum
 
     def _step(self, step: int) -> Tensor:
         cfg = self.cfg
         resid = self._capture(step)
-        grads_A, grads_b, kl = self._gradients(resid)
+        self.opt.zero_grad(set_to_none=True)
+        kl = all_reduce_sum(self._accumulate_gradients(resid), self.env) / cfg.tokens_per_step
         if not torch.isfinite(kl).all():
             raise NumericalError(
                 f"the tuned-lens loss became NaN/inf at step {step}; lower the learning rate (lr={cfg.lr})."
             )
-        for a, b, ga, gb in zip(self.A, self.b, grads_A, grads_b):
-            if cfg.max_grad_norm is not None:
-                norm = torch.sqrt(ga.square().sum() + gb.square().sum())
-                scale = (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                ga.mul_(scale)
-                gb.mul_(scale)
-            a.grad, b.grad = ga, gb
+        if cfg.max_grad_norm is not None:  # per translator
+            g_w, g_b = self.translators.weight.grad, self.translators.bias.grad
+            norm = torch.sqrt(g_w.square().sum(dim=(1, 2)) + g_b.square().sum(dim=1))
+            factor = (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            g_w.mul_(factor[:, None, None])
+            g_b.mul_(factor[:, None])
         lr = cfg.lr_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -610,19 +695,21 @@ class _Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {
+            "checkpoint_version": CHECKPOINT_VERSION,
             "fingerprint": self.model.fingerprint,
             "corpus_hash": self.corpus_hash,
             "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
         }
 
     def _save_checkpoint(self, directory: Path, step: int) -> None:
+        if not self.env.is_main:  # the ranks hold identical states; rank 0 writes
+            return
         directory.mkdir(parents=True, exist_ok=True)
         state = {
-            "format_version": FORMAT_VERSION,
             **self._identity(),
             "step": step,
-            "weight": torch.stack([a.detach() for a in self.A]).cpu(),
-            "bias": torch.stack([b.detach() for b in self.b]).cpu(),
+            "weight": self.translators.weight.detach().cpu(),
+            "bias": self.translators.bias.detach().cpu(),
             "optimizer": self.opt.state_dict(),
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, self.n_tr),
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
@@ -631,6 +718,11 @@ class _Trainer:
         atomic_write(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
     def _load_checkpoint(self, directory: Path) -> int:
+        """Restore the state saved in ``directory`` (every rank reads the same file); the step to start at.
+
+        A checkpoint does not depend on the number of ranks (every rank holds the whole state), so a
+        run may resume with another ``--nproc_per_node``.
+        """
         path = directory / CHECKPOINT_FILE
         if not path.is_file():
             return 0
@@ -640,16 +732,15 @@ class _Trainer:
             raise ArtifactError(f"could not read the checkpoint {path}: {exc}; delete it to start over.") from exc
         for key, value in self._identity().items():
             if state.get(key) != value:
-                what = {"fingerprint": "another model", "corpus_hash": "another corpus",
-                        "config": "other hyper-parameters"}[key]
+                what = {"checkpoint_version": "another version of vsem-lens", "fingerprint": "another model",
+                        "corpus_hash": "another corpus", "config": "other hyper-parameters"}[key]
                 raise ArtifactError(
                     f"the checkpoint {path} was written for {what}; delete it, pass another checkpoint "
                     "directory, or resume=False to start over."
                 )
         with torch.no_grad():
-            for layer in range(self.n_tr):
-                self.A[layer].copy_(state["weight"][layer])
-                self.b[layer].copy_(state["bias"][layer])
+            self.translators.weight.copy_(state["weight"])
+            self.translators.bias.copy_(state["bias"])
         self.opt.load_state_dict(state["optimizer"])
         self.history = state["history"].tolist()
         self.lrs = state["lrs"].tolist()
@@ -658,9 +749,9 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, *, checkpoint_dir, checkpoint_every, resume, progress, callback) -> TunedLens:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.env.is_main
         start = self._load_checkpoint(checkpoint_dir) if checkpoint_dir is not None and resume else 0
-        bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", unit="step", disable=not progress)
+        bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", unit="step", disable=not (progress and main))
         run_seconds = 0.0
         try:
             for step in range(start, cfg.steps):
@@ -676,7 +767,7 @@ class _Trainer:
                 bar.set_postfix(kl_bits=f"{float(kl_bits.mean()):.2f}", tokens_per_s=f"{rate:.0f}")
                 if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == cfg.steps):
                     self._save_checkpoint(checkpoint_dir, done)
-                if callback is not None:
+                if callback is not None and main:
                     callback(done, {"lr": self.lrs[-1], "kl_bits": kl_bits.tolist(),
                                     "tokens": done * cfg.tokens_per_step, "seconds": self.seconds})
         finally:
@@ -684,8 +775,8 @@ class _Trainer:
         return self._lens()
 
     def _lens(self) -> TunedLens:
-        weight = torch.stack([a.detach() for a in self.A])
-        bias = torch.stack([b.detach() for b in self.b])
+        weight = self.translators.weight.detach().clone()
+        bias = self.translators.bias.detach().clone()
         history = torch.tensor(self.history, dtype=torch.float64).reshape(-1, self.n_tr)
         tail = history[-max(1, len(history) // 10):].mean(dim=0).tolist() if len(history) else []
         metadata = {
@@ -693,6 +784,7 @@ class _Trainer:
                 "steps": self.cfg.steps,
                 "tokens": self.cfg.steps * self.cfg.tokens_per_step,
                 "train_seconds": round(self.seconds, 2),
+                "world_size": self.env.world_size,
                 "train_kl_bits_first_step": [round(v, 4) for v in history[0].tolist()] if len(history) else [],
                 "train_kl_bits_last_10pct": [round(v, 4) for v in tail],
             },

@@ -21,6 +21,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepend BOS to every text (TransformerLens convention; default: as the HF tokenizer)")
 
 
+def add_distributed_argument(parser: "argparse.ArgumentParser | argparse._ArgumentGroup", what: str) -> None:
+    """``--distributed``: one rank per torchrun process; ``what`` says how this command splits its work."""
+    parser.add_argument("--distributed", action="store_true",
+                        help=f"one rank per torchrun process (launch with torchrun --nproc_per_node=N -m vsem_lens.cli "
+                        f"...): {what}")
+
+
+def start_distributed(args: argparse.Namespace, command: str):
+    """Join torchrun's process group when ``--distributed`` is given: ``(env, this rank's device)``.
+
+    Without ``--distributed`` this is ``(SINGLE, args.device)``; ``cuda`` becomes ``cuda:LOCAL_RANK``.
+
+    Raises:
+        InputError: ``--distributed`` outside torchrun.
+    """
+    from ..distributed import SINGLE, init_distributed, rank_device, torchrun_env
+
+    if not getattr(args, "distributed", False):
+        return SINGLE, args.device
+    layout = torchrun_env()
+    if layout is None:
+        raise InputError(
+            f"--distributed needs torchrun: launch with `torchrun --nproc_per_node=N -m vsem_lens.cli {command} "
+            "--distributed ...` (RANK and WORLD_SIZE are not set)."
+        )
+    device = rank_device(layout, args.device)
+    return init_distributed(device=device), device
+
+
 def messenger(quiet: bool) -> Callable[[str], None]:
     """A ``say(message)`` that prints ``vsem-lens: message`` to stderr unless ``quiet``."""
 

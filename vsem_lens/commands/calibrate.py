@@ -14,6 +14,7 @@ Example:
     $ vsem-lens calibrate --task sentiment
     $ vsem-lens calibrate --task reviews.csv --test reviews_test.csv --verbalizer pos=positive,neg=negative \\
           --template "Review: {text}\\nSentiment:" --baselines all --out my-run
+    $ torchrun --standalone --nproc_per_node=2 -m vsem_lens.cli calibrate --task topic --distributed
     $ vsem-lens classify --head my-run "A delight from start to finish." "Two hours I will never get back."
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .._io import atomic_write
-from ._common import add_model_arguments
+from ._common import add_distributed_argument, add_model_arguments, parse_positive, start_distributed
 
 
 def parse_verbalizer(spec: str | None) -> dict[str, str] | None:
@@ -96,15 +97,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..baselines import parse_baselines, results_table, run_baselines
     from ..basis import SemanticBasis
     from ..calibration import CalibratedModel, NeuralClusteringHead, classification_metrics
+    from ..distributed import destroy
     from ..features import extract_features
     from ..models import load_model
-    from .report import parse_positive
-
-    quiet = bool(args.quiet)
-
-    def say(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr, flush=True)
 
     baselines = parse_baselines(args.baselines)
     epochs = parse_positive(args.epochs, "--epochs")
@@ -115,12 +110,24 @@ def run_calibrate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file; pass a directory.")
-    say(f"task {task.name}: {len(task)} examples, classes {task.label_names}, words {task.label_words}")
-    model = load_model(args.model, device=args.device, prepend_bos=args.prepend_bos)
-    say(f"model {model.name} ({model.n_layers} layers, d_model {model.d_model}); BOS prepended: {model.prepend_bos}")
+    env, device = start_distributed(args, "calibrate")
+    quiet = bool(args.quiet) or not env.is_main
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
     splits = {s: task.split(s) for s in ("train", "validation", "test")}
-    kw = dict(layer=args.layer, frame=args.frame, progress=not quiet)
-    feats = {s: extract_features(model, t, **kw) for s, t in splits.items()}
+    try:
+        say(f"task {task.name}: {len(task)} examples, classes {task.label_names}, words {task.label_words}")
+        model = load_model(args.model, device=device, prepend_bos=args.prepend_bos)
+        say(f"model {model.name} ({model.n_layers} layers, d_model {model.d_model}); BOS prepended: {model.prepend_bos}")
+        kw = dict(layer=args.layer, frame=args.frame, progress=not quiet, distributed=env if env.active else None)
+        feats = {s: extract_features(model, t, **kw) for s, t in splits.items()}
+    finally:
+        destroy(env)
+    if not env.is_main:  # the ranks shared the forward passes; the head and baselines run on rank 0
+        return 0
     bases = SemanticBasis.from_model(model).for_words(task.label_words)
     head = NeuralClusteringHead(
         bases,
@@ -265,6 +272,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="LoRA/IA3 epochs over train (default 1)")
     parser.add_argument("--threads", default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after a successful run")
+    add_distributed_argument(parser, "the ranks share the feature extraction (batch b on rank b %% N); rank 0 "
+                             "trains the head, runs the baselines and writes the outputs")
     parser.add_argument("--out", default="calibration-out", help="output directory (default ./calibration-out)")
     parser.add_argument("--quiet", action="store_true", help="no progress output; print only the output path")
     parser.set_defaults(func=run_calibrate)

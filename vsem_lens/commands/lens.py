@@ -9,6 +9,7 @@ Example:
     $ vsem-lens lens train                                   # embedded model, default corpus
     $ vsem-lens lens train --corpus my_texts.txt --steps 200 --optimizer adam --out my-lens
     $ vsem-lens report --frame tuned                         # uses the cached lens
+    $ torchrun --standalone --nproc_per_node=2 -m vsem_lens.cli lens train --distributed
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from .._io import texts_digest
 from ..errors import InputError
-from ._common import add_model_arguments
+from ._common import add_distributed_argument, add_model_arguments, messenger, start_distributed
 
 
 def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: bool) -> Path:
     """One checkpoint folder per (model, corpus content, hyper-parameters) so unrelated runs never collide."""
-    settings = json.dumps([config.to_dict(), prepend_bos], sort_keys=True)
+    from ..tuned import CHECKPOINT_VERSION
+
+    settings = json.dumps([config.to_dict(), prepend_bos, CHECKPOINT_VERSION], sort_keys=True)
     tag = texts_digest([settings, *texts], digest_size=5)
     return cache_path.parent / ".checkpoints" / f"{cache_path.name}-{tag}"
 
@@ -35,8 +37,8 @@ def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: boo
 def run_train(args: argparse.Namespace) -> int:
     """Load the model and corpus, train, save to the cache and ``--out``; prints where it went."""
     from ..corpus import load_corpus
-    from ..models import load_model
-    from ..tuned import TrainingConfig, TunedLens, tuned_lens_cache_path
+    from ..distributed import destroy
+    from ..tuned import TrainingConfig
 
     quiet = bool(args.quiet)
     if args.no_cache and not args.out:
@@ -53,23 +55,34 @@ def run_train(args: argparse.Namespace) -> int:
         unembed_dtype="bfloat16" if args.bf16 else "float32",
     ).resolved()  # validate before loading anything
     texts = load_corpus(args.corpus)
+    env, device = start_distributed(args, "lens train")
+    try:
+        return _train(args, config, texts, env, device, quiet=quiet or not env.is_main)
+    finally:
+        destroy(env)
 
-    def say(message: str) -> None:
-        if not quiet:
-            print(f"vsem-lens: {message}", file=sys.stderr)
 
+def _train(args: argparse.Namespace, config, texts: list[str], env, device: str, *, quiet: bool) -> int:
+    from ..models import load_model
+    from ..tuned import TunedLens, tuned_lens_cache_path
+
+    say = messenger(quiet)
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, prepend_bos=args.prepend_bos)
+    model = load_model(args.model, device=device, prepend_bos=args.prepend_bos)
     say(f"loaded {model.name} ({model.n_layers} layers) in {time.perf_counter() - started:.1f} s; "
         f"{len(texts)} texts; {config.steps} steps x {config.tokens_per_step} tokens, {config.optimizer} lr {config.lr}")
     cache_path = tuned_lens_cache_path(model)
     checkpoints = _checkpoint_dir(cache_path, config, texts, model.prepend_bos)
     if (checkpoints / "checkpoint.pt").is_file():
         say(f"resuming from {checkpoints}")
+    if env.active:
+        say(f"training on {env.world_size} ranks ({env.backend})")
     lens = TunedLens.fit(
         model, texts, config=config, checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every,
-        progress=not quiet,
+        progress=not quiet, distributed=env,
     )
+    if not env.is_main:  # every rank holds the same lens; rank 0 writes it
+        return 0
     written = []
     if not args.no_cache:
         written.append(lens.save(cache_path))
@@ -118,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="bfloat16 vocabulary matmuls in the loss (~2x faster on CPUs with native bf16)")
     train.add_argument("--seed", type=int, default=0, help="seed of the text order (default 0)")
     train.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default 10)")
+    add_distributed_argument(train, "each rank forwards its share of every step's texts; the gradients are "
+                             "averaged by DistributedDataParallel; rank 0 saves the lens")
     train.add_argument("--out", default=None, help="also save the lens to this directory")
     train.add_argument("--no-cache", action="store_true", help="do not save the lens in the cache (needs --out)")
     train.add_argument("--quiet", action="store_true", help="no progress output; print only the output path(s)")

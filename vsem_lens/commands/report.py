@@ -17,7 +17,7 @@ import sys
 import time
 
 from ..errors import InputError
-from ._common import add_model_arguments, parse_layers, parse_positive
+from ._common import add_distributed_argument, add_model_arguments, parse_layers, parse_positive, start_distributed
 
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
@@ -77,7 +77,7 @@ def parse_placement(device_map: str | None, n_devices: str | None, max_memory: s
 def run(args: argparse.Namespace) -> int:
     """Load the model and corpus, build the report, write it; prints where it went."""
     from ..corpus import load_corpus
-    from ..distributed import SINGLE, destroy, init_distributed, rank_device, torchrun_env
+    from ..distributed import destroy
     from ..lenses import check_frame
     from ..models import load_model
     from ..report import build_report
@@ -96,19 +96,10 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir = DEFAULT_CHECKPOINT_DIR
     dtype = parse_dtype(args.dtype)
     placement = parse_placement(args.device_map, args.n_devices, args.max_memory)
-    env = SINGLE
-    device = args.device
-    if args.distributed:
-        if torchrun_env() is None:
-            raise InputError(
-                "--distributed needs torchrun: launch with `torchrun --nproc_per_node=N -m vsem_lens.cli report "
-                "--distributed ...` (RANK and WORLD_SIZE are not set)."
-            )
-        if placement:
-            raise InputError("--distributed runs one model copy per rank; do not combine it with --device-map/--n-devices.")
-        device = rank_device(torchrun_env(), args.device)
-        env = init_distributed(device=device)
-        quiet = quiet or not env.is_main
+    if args.distributed and placement:
+        raise InputError("--distributed runs one model copy per rank; do not combine it with --device-map/--n-devices.")
+    env, device = start_distributed(args, "report")
+    quiet = quiet or not env.is_main
 
     def say(message: str) -> None:
         if not quiet:
@@ -190,10 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the token samples (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress output; print only the report path")
     scale = parser.add_argument_group("scale (see docs/scale.md)")
-    scale.add_argument(
-        "--distributed", action="store_true",
-        help="one rank per torchrun process: shard the corpus, combine the statistics, rank 0 writes the report",
-    )
+    add_distributed_argument(scale, "shard the corpus, combine the statistics, rank 0 writes the report")
     scale.add_argument(
         "--checkpoint-every", default=None, metavar="N",
         help=f"checkpoint the streaming state every N batches (into --checkpoint-dir, default {DEFAULT_CHECKPOINT_DIR}); "
