@@ -206,10 +206,18 @@ def iter_capture(
             for site, names in hooks.items()
         }
 
+        index_on = {flat_index.device: flat_index}
+
         def make_hook(site: str, slot: int):
             def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
                 flat = tensor.detach().reshape(-1, tensor.shape[-1])
-                torch.index_select(flat, 0, flat_index, out=acts[site][slot])
+                out = acts[site][slot]
+                if flat.device == out.device:
+                    torch.index_select(flat, 0, flat_index, out=out)
+                else:  # a layer on another GPU (device_map): select there, then one copy to the buffers' device
+                    if flat.device not in index_on:
+                        index_on[flat.device] = flat_index.to(flat.device)
+                    out.copy_(torch.index_select(flat, 0, index_on[flat.device]))
                 return tensor
 
             return save
