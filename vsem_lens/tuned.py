@@ -22,10 +22,11 @@ decay and the optimiser's per-element updates, so layer ``l``'s result does not 
 Memory: the vocabulary is handled ``token_chunk`` tokens at a time, so the largest buffers are a few
 ``[token_chunk, d_vocab]`` float32 matrices (``p_final``, the lens logits / ``q - p``; ~50 MB each for
 256 tokens of SmolLM2's 49,152-token vocabulary), plus the step's activations ``[n_layers,
-tokens_per_step, d_model]``. No ``[layers, tokens, vocab]`` tensor is ever built. The gradient of the
-KL with respect to the lens logits is ``q - p``, so the backward pass through the unembedding is one
-matmul computed directly (no autograd graph over the vocabulary); autograd only runs through the
-small translator and the final norm.
+tokens_per_step, d_model]`` and the autograd graph of one chunk through all translators (a few
+``[n_layers - 1, token_chunk, d_model]`` tensors, ~17 MB each for SmolLM2). No ``[layers, tokens,
+vocab]`` tensor is ever built. The gradient of the KL with respect to the lens logits is ``q - p``,
+so the backward pass through the unembedding is one matmul computed directly (no autograd graph over
+the vocabulary); autograd only runs through the small translators and the final norm.
 
 Hyper-parameters (:class:`TrainingConfig`, all recorded in ``config.json``) follow tuned-lens's
 defaults where a CPU allows: SGD with Nesterov momentum 0.9, ``lr`` 0.1 as given to torch (= tuned-lens's
