@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.distributed import SINGLE, DistEnv, all_reduce_moments, shard, torchrun_env
+from vsem_lens.distributed import SINGLE, DistEnv, all_reduce_moments, rank_device, shard, torchrun_env
 from vsem_lens.errors import InputError
 from vsem_lens._io import texts_digest
 from vsem_lens.report import build_report, checkpoint_key
@@ -120,6 +120,10 @@ def test_shard_and_env_helpers(monkeypatch):
         torchrun_env({"RANK": "2", "WORLD_SIZE": "2"})
     count, mean, m2 = all_reduce_moments(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([2.0]), SINGLE)
     assert (count.item(), mean.item(), m2.item()) == (3.0, 1.0, 2.0)
+    # The rank's GPU is known from torchrun's layout, before the process group exists.
+    layout = torchrun_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert rank_device(layout, "cuda") == "cuda:1" and rank_device(layout, "cuda:0") == "cuda:0"
+    assert rank_device(layout, "cpu") == "cpu" and rank_device(SINGLE, "cuda") == "cuda"
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert vl.distributed.init_distributed() is SINGLE
@@ -132,8 +136,14 @@ def test_distributed_needs_torchrun(dir_model, monkeypatch, capsys):
         build_report(dir_model, CORPUS, distributed=True, **ARGS)
     from vsem_lens.cli import main
 
-    assert main(["report", "--distributed", "--model", "embedded", "--quiet"]) == 2
-    assert "torchrun" in capsys.readouterr().err
+    from vsem_lens.tuned import TunedLens
+
+    with pytest.raises(InputError, match="torchrun"):
+        TunedLens.fit(dir_model, CORPUS, distributed=True, progress=False)
+    for command in (["report"], ["lens", "train"], ["calibrate", "--task", "topic"]):
+        assert main([*command, "--distributed", "--model", "embedded", "--quiet"]) == 2, command
+        assert f"vsem_lens.cli {' '.join(command[:2 if command[0] == 'lens' else 1])} --distributed" in \
+            capsys.readouterr().err
 
 
 def test_checkpoint_key_tracks_arguments(dir_model):

@@ -169,14 +169,16 @@ def resolve_env(distributed: "DistEnv | bool | None", *, device: str | torch.dev
 
 
 def rank_device(env: DistEnv, device: str | torch.device) -> str:
-    """The compute device of this rank: ``cuda`` -> ``cuda:LOCAL_RANK`` under nccl; else unchanged.
+    """The compute device of this rank: ``cuda`` -> ``cuda:LOCAL_RANK`` with several ranks; else unchanged.
+
+    ``env`` may be the layout :func:`torchrun_env` announces, before the process group exists.
 
     Example:
         >>> rank_device(DistEnv(1, 2, 1, "nccl", "cuda:1"), "cuda")
         'cuda:1'
     """
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and env.active:
+    if dev.type == "cuda" and dev.index is None and env.world_size > 1:
         return f"cuda:{env.local_rank}"
     return str(device)
 

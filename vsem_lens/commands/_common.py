@@ -36,18 +36,13 @@ def start_distributed(args: argparse.Namespace, command: str):
     Raises:
         InputError: ``--distributed`` outside torchrun.
     """
-    from ..distributed import SINGLE, init_distributed, rank_device, torchrun_env
+    from ..distributed import SINGLE, rank_device, resolve_env, torchrun_env
 
     if not getattr(args, "distributed", False):
         return SINGLE, args.device
     layout = torchrun_env()
-    if layout is None:
-        raise InputError(
-            f"--distributed needs torchrun: launch with `torchrun --nproc_per_node=N -m vsem_lens.cli {command} "
-            "--distributed ...` (RANK and WORLD_SIZE are not set)."
-        )
-    device = rank_device(layout, args.device)
-    return init_distributed(device=device), device
+    device = rank_device(layout, args.device) if layout is not None else args.device
+    return resolve_env(True, device=device, command=command), device
 
 
 def messenger(quiet: bool) -> Callable[[str], None]:
