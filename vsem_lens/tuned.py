@@ -43,8 +43,8 @@ train the same lens as one process (up to the order of float32 sums), with each 
 and vocabulary work split N ways.
 
 Determinism: the text order comes from ``seed`` alone, every step uses a fixed set of token prefixes,
-and nothing else is random, so two runs with the same corpus, config and torch thread count give the
-same weights; a run resumed from a checkpoint gives the same weights as an uninterrupted one.
+and nothing else is random, so two runs with the same corpus, config, torch thread count and number of
+ranks give the same weights; a run resumed from a checkpoint gives the same weights as an uninterrupted one.
 
 Example:
     >>> lens = TunedLens.fit(model, texts, steps=100)          # doctest: +SKIP
