@@ -7,8 +7,9 @@ finishes, so a partial run leaves usable results):
 - ``accuracy``: minimal-pair accuracy per phenomenon on the first ``--n-accuracy`` pairs of each
   phenomenon (Wilson 95% intervals) -> accuracy.csv
 - ``accuracy_nobos``: the same without BOS (the first token is then only context) -> accuracy_no_bos.csv
-- ``layers``: accuracy by layer through the logit lens (``final_norm``; ``tuned`` too when a tuned lens
-  is cached for the model) on the first ``--n-layers-pairs`` pairs -> by_layer.csv, onset.csv
+- ``layers``: accuracy by layer through the logit lens (``final_norm``; ``tuned`` too with the tuned lens
+  saved in ``--tuned-lens DIR``, or the one cached for the model) on the first ``--n-layers-pairs`` pairs
+  -> by_layer.csv, onset.csv
 - ``gradients``: gradient of each phenomenon's mean log-prob margin on its first ``--n-grad`` pairs
   (all 134.5M parameters, stored in bfloat16), cosine and top-1% mask Jaccard, overall and per block
   -> similarity.csv, block_norms.csv
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--top-frac", type=float, default=0.01)
     parser.add_argument("--n-corpus", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tuned-lens", type=Path, default=None,
+                        help="a saved tuned lens for the `tuned` curves of the layers stage (default: the cached one)")
     args = parser.parse_args()
     stages = set(args.stages.split(","))  # "none": only redo the comparison from the saved files
 
@@ -84,6 +87,7 @@ def main() -> None:
     import vsem_lens as vl
     from vsem_lens import minimal_pairs as mp
     from vsem_lens import taskspace as ts
+    from vsem_lens.models import cache_dir
 
     torch.set_num_threads(1)
     started = time.time()
@@ -132,14 +136,19 @@ def main() -> None:
 
     if "layers" in stages:
         t = time.time()
-        frames = ["final_norm"]
-        if _has_tuned(model):
-            frames.append("tuned")
+        frames: list = ["final_norm"]
+        tuned = _tuned_lens(model, args.tuned_lens)
+        if tuned is not None:
+            frames.append(tuned)
+            where = str(args.tuned_lens or "cache").replace(str(cache_dir()), "$VSEM_LENS_CACHE")
+            meta["tuned_frame"] = {"lens": where, "training": tuned.config.to_dict(),
+                                   "summary": tuned.metadata.get("summary", {})}
         else:
             meta["tuned_frame"] = "skipped: no tuned lens is cached for the model (train one with `vsem-lens lens train`)"
         tables = [
             mp.minimal_pair_accuracy_by_layer(model, first(args.n_layers_pairs), frame=f, batch_size=32) for f in frames
         ]
+        frames = [getattr(f, "frame", f) for f in frames]
         by_layer = pd.concat(tables, ignore_index=True)
         by_layer.to_csv(HERE / "by_layer.csv", index=False, float_format="%.4f")
         onset = pd.concat(
@@ -222,10 +231,11 @@ def main() -> None:
     save_meta()
 
 
-def _has_tuned(model) -> bool:
-    from vsem_lens.tuned import find_cached_tuned_lens
+def _tuned_lens(model, path):
+    """The tuned lens saved in ``path``, else the one cached for ``model`` (``None`` without either)."""
+    from vsem_lens.tuned import TunedLens, find_cached_tuned_lens
 
-    return find_cached_tuned_lens(model) is not None
+    return TunedLens.load(path, model=model) if path is not None else find_cached_tuned_lens(model)
 
 
 if __name__ == "__main__":
