@@ -80,7 +80,7 @@ def evaluate(vl, model, basis, lens, held, args):
     timings = {}
     for frame in FRAMES:
         started = time.perf_counter()
-        kl, agree, ranks = {}, {}, {}
+        kl, ranks = {}, {}
         final_ids, entropy = [], []
         for out in vl.iter_layer_readouts(
             model, held, basis=basis, frame=lens if frame == "tuned" else frame, k=1,
