@@ -140,6 +140,12 @@ def test_distributed_needs_torchrun(dir_model, monkeypatch, capsys):
 
     with pytest.raises(InputError, match="torchrun"):
         TunedLens.fit(dir_model, CORPUS, distributed=True, progress=False)
+    with pytest.raises(InputError, match="no process group"):  # a hand-made layout would train on half the data
+        TunedLens.fit(dir_model, CORPUS, distributed=DistEnv(1, 2), progress=False)
+    from _tasks import tiny_task
+
+    with pytest.raises(InputError, match="no process group"):
+        vl.extract_features(dir_model, tiny_task(), cache=False, progress=False, distributed=DistEnv(0, 2))
     for command in (["report"], ["lens", "train"], ["calibrate", "--task", "topic"]):
         assert main([*command, "--distributed", "--model", "embedded", "--quiet"]) == 2, command
         assert f"vsem_lens.cli {' '.join(command[:2 if command[0] == 'lens' else 1])} --distributed" in \

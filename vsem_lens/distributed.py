@@ -150,13 +150,19 @@ def resolve_env(distributed: "DistEnv | bool | None", *, device: str | torch.dev
     error message.
 
     Raises:
-        InputError: ``True`` outside torchrun (no ``RANK``/``WORLD_SIZE``).
+        InputError: ``True`` outside torchrun (no ``RANK``/``WORLD_SIZE``), or a :class:`DistEnv` of
+            several ranks without a process group (each rank would silently see only its share).
 
     Example:
         >>> resolve_env(False, device="cpu", command="report") is SINGLE
         True
     """
     if isinstance(distributed, DistEnv):
+        if distributed.world_size > 1 and not distributed.active:
+            raise InputError(
+                f"distributed={distributed} has {distributed.world_size} ranks but no process group; "
+                "get the environment from vsem_lens.distributed.init_distributed() inside torchrun."
+            )
         return distributed
     if not distributed:
         return SINGLE

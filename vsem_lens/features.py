@@ -50,7 +50,7 @@ from ._io import atomic_write, texts_digest
 from .basis import word_token_ids
 from .capture import check_layers, hook_name
 from .datasets import TextClassificationTask
-from .distributed import SINGLE, DistEnv, all_gather_objects, shard_indices
+from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard_indices
 from .errors import InputError, NumericalError, VocabularyError
 from .models import HookedModel, cache_dir
 
@@ -204,7 +204,7 @@ def extract_features(
     max_length: int | None = None,
     cache: bool = True,
     progress: bool = True,
-    distributed: DistEnv | None = None,
+    distributed: DistEnv | bool | None = None,
 ) -> Features:
     """Zero-shot prompt features of a task's texts (or of other ``texts`` with the task's prompt).
 
@@ -220,8 +220,8 @@ def extract_features(
             Default: the model's context (longer texts are shortened, with a warning).
         cache: read and write the on-disk feature cache.
         progress: show a tqdm bar over batches.
-        distributed: a :class:`~vsem_lens.distributed.DistEnv` from
-            :func:`~vsem_lens.distributed.init_distributed` under ``torchrun``: batch ``b`` runs on rank
+        distributed: ``True`` inside ``torchrun`` (or a :class:`~vsem_lens.distributed.DistEnv` from
+            :func:`~vsem_lens.distributed.init_distributed`): batch ``b`` runs on rank
             ``b % world_size`` and the features are gathered, so every rank returns the whole, identical
             result (equal to one process's); only rank 0 writes the cache.
 
@@ -250,7 +250,7 @@ def extract_features(
     label_ids = label_token_ids(model, task.label_words)
     key = feature_key(model, task.name, texts, task.template, label_ids, layer_abs, frame, max_length)
     path = cache_dir() / "features" / f"{_safe(task.name)}-L{layer_abs}-{frame}-{key}.safetensors"
-    env = distributed or SINGLE
+    env = resolve_env(distributed, device=model.device, command="calibrate")
     cached = _load(path, key) if cache and path.is_file() else None
     if env.active:  # every rank must take the same branch, or the collectives below would hang
         cached = cached if all(all_gather_objects(cached is not None, env)) else None
