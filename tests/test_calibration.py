@@ -272,14 +272,10 @@ def test_calibrated_model_end_to_end(tiny_model, tmp_path):
     assert torch.equal(loaded.predict_proba(texts), cm.predict_proba(texts))
 
 
-def test_cli_calibrate_and_classify(tiny_tokenizer, tmp_path, capsys):
-    from conftest import make_tiny_hf
-
+def test_cli_calibrate_and_classify(tiny_model_dir, tmp_path, capsys):
     from vsem_lens.cli import main
 
-    model_dir = tmp_path / "tiny-model"
-    make_tiny_hf(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     task = tiny_task()
     data = tmp_path / "tiny.jsonl"
     import json

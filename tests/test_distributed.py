@@ -21,7 +21,7 @@ from vsem_lens.errors import InputError
 from vsem_lens._io import texts_digest
 from vsem_lens.report import build_report, checkpoint_key
 
-from conftest import TINY_TEXTS, make_tiny_hf
+from conftest import TINY_TEXTS
 
 # 48 texts -> 16 batches of 3: enough batches for sharding and checkpoints, a few seconds per run.
 CORPUS = [f"{text} (variant {i})" for i in range(8) for text in TINY_TEXTS]
@@ -44,16 +44,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model_dist")
-    make_tiny_hf(tiny_tokenizer).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def dir_model(tiny_dir):
-    return vl.load_model(str(tiny_dir))
+def dir_model(tiny_model_dir):
+    return vl.load_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +158,13 @@ def test_checkpoint_key_tracks_arguments(dir_model):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process(tiny_dir, reference, tmp_path):
+def test_torchrun_two_ranks_equal_one_process(tiny_model_dir, reference, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS), encoding="utf-8")
     out = tmp_path / "report"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "vsem_lens.cli", "report", "--distributed", "--model", str(tiny_dir), "--corpus", str(corpus),
+        "-m", "vsem_lens.cli", "report", "--distributed", "--model", str(tiny_model_dir), "--corpus", str(corpus),
         "--max-tokens", "all", "--lens-tokens", "80", "--batch-size", "3", "--seed", "1", "--out", str(out),
         "--quiet", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
     ]
@@ -232,7 +224,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(dir_model, reference, tmp_p
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_numbers(tiny_dir, dir_model, reference, tmp_path):
+def test_sigkilled_run_resumes_to_the_same_numbers(tiny_model_dir, dir_model, reference, tmp_path):
     """A real SIGKILL (no cleanup, no finally) after 7 batches; the run started again resumes at batch 6."""
     script = textwrap.dedent(
         f"""
@@ -245,7 +237,7 @@ def test_sigkilled_run_resumes_to_the_same_numbers(tiny_dir, dir_model, referenc
             if done == 7:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        model = vl.load_model({str(tiny_dir)!r})
+        model = vl.load_model({str(tiny_model_dir)!r})
         vl.build_report(model, CORPUS, checkpoint_dir={str(tmp_path)!r}, checkpoint_every=3, on_batch=kill, **ARGS)
         """
     )
@@ -274,12 +266,12 @@ def test_corrupt_checkpoint_is_ignored(dir_model, reference, tmp_path):
 # ---------------------------------------------------------------------------------- big-model options
 
 
-def test_device_map_and_half_precision(tiny_dir, reference):
-    placed = vl.load_model(str(tiny_dir), device_map={"": "cpu"})
+def test_device_map_and_half_precision(tiny_model_dir, reference):
+    placed = vl.load_model(str(tiny_model_dir), device_map={"": "cpu"})
     assert placed.device.type == "cpu"
     with pytest.raises(vl.errors.ModelLoadError, match="in-memory"):
         vl.load_model((object(), object()), device_map="auto")
-    half = vl.load_model(str(tiny_dir), dtype=torch.bfloat16)
+    half = vl.load_model(str(tiny_model_dir), dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     report = build_report(half, CORPUS, **ARGS)
     iso, ref = report.tables["isotropy"], reference.tables["isotropy"]
@@ -318,7 +310,7 @@ def _write_task_file(path: Path) -> Path:
     return path
 
 
-def test_torchrun_feature_extraction_equals_one_process(tiny_dir, dir_model, tmp_path, monkeypatch):
+def test_torchrun_feature_extraction_equals_one_process(tiny_model_dir, dir_model, tmp_path, monkeypatch):
     """Features from 2 ranks equal one process's; `calibrate --distributed` (features shared, head on rank 0)
     writes the same head and metrics as a single-process `calibrate`."""
     from _tasks import tiny_task
@@ -328,9 +320,9 @@ def test_torchrun_feature_extraction_equals_one_process(tiny_dir, dir_model, tmp
 
     out, script = tmp_path / "features.pt", tmp_path / "worker.py"
     task_file = _write_task_file(tmp_path / "tiny.jsonl")
-    calibrate = ["calibrate", "--task", str(task_file), "--split-column", "split", "--model", str(tiny_dir),
+    calibrate = ["calibrate", "--task", str(task_file), "--split-column", "split", "--model", str(tiny_model_dir),
                  "--verbalizer", "animal=cat,food=apples", "--epochs", "3", "--baselines", "zero-shot,knn", "--quiet"]
-    script.write_text(FEATURE_WORKER.format(tests=str(Path(__file__).parent), model=str(tiny_dir), out=str(out),
+    script.write_text(FEATURE_WORKER.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), out=str(out),
                                             calibrate=[*calibrate, "--distributed", "--out", str(tmp_path / "two")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     env = dict(_subprocess_env(), VSEM_LENS_CACHE=str(tmp_path / "cache-two"))
@@ -387,7 +379,7 @@ sys.exit(main(["lens", "train", "--distributed", "--model", {model!r}, "--corpus
 """
 
 
-def test_torchrun_tuned_lens_equals_one_process(tiny_dir, dir_model, tmp_path):
+def test_torchrun_tuned_lens_equals_one_process(tiny_model_dir, dir_model, tmp_path):
     """DDP over 2 ranks trains the lens one process trains (to float32 rounding), also with an empty rank,
     when resuming a 1-process checkpoint, and through `vsem-lens lens train --distributed`."""
     from vsem_lens.tuned import TunedLens
@@ -406,7 +398,7 @@ def test_torchrun_tuned_lens_equals_one_process(tiny_dir, dir_model, tmp_path):
                       **LENS_FIT)
     out, cli_out, script = tmp_path / "lenses.pt", tmp_path / "cli-lens", tmp_path / "worker.py"
     script.write_text(LENS_WORKER.format(
-        tests=str(Path(__file__).parent), texts=texts, model=str(tiny_dir), one_row=LENS_FIT_ONE_ROW, fit=LENS_FIT,
+        tests=str(Path(__file__).parent), texts=texts, model=str(tiny_model_dir), one_row=LENS_FIT_ONE_ROW, fit=LENS_FIT,
         checkpoints=str(checkpoints), out=str(out), corpus=str(corpus), cli_out=str(cli_out),
     ))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]

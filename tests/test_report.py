@@ -26,7 +26,7 @@ from vsem_lens.cli import main
 from vsem_lens.errors import InputError
 from vsem_lens.report import LensAggregator, build_report
 
-from conftest import TINY_TEXTS, make_tiny_hf
+from conftest import TINY_TEXTS
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
@@ -37,15 +37,6 @@ CORPUS = TINY_TEXTS * 3 + [EVIL]
 @pytest.fixture(scope="module")
 def tiny_report(tiny_model):
     return build_report(tiny_model, CORPUS, lens_tokens=60, examples=[EVIL, TINY_TEXTS[0]], seed=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_tokenizer, tmp_path_factory):
-    """A fresh tiny Llama (the session one is wrapped by the bridge) saved as an HF directory for `--model DIR`."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_hf(tiny_tokenizer).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def _jsonl(path: Path, texts) -> Path:
@@ -274,17 +265,17 @@ def test_save_replaces_only_reports_and_is_atomic(tiny_report, tmp_path, monkeyp
 # ---------------------------------------------------------------------------------- CLI
 
 
-def test_cli_end_to_end_tiny(tiny_dir, tmp_path, capsys):
+def test_cli_end_to_end_tiny(tiny_model_dir, tmp_path, capsys):
     corpus = _jsonl(tmp_path / "corpus.jsonl", CORPUS)
     out = tmp_path / "report"
-    rc = main(["report", "--model", str(tiny_dir), "--corpus", str(corpus), "--out", str(out), "--quiet",
+    rc = main(["report", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(out), "--quiet",
                "--lens-tokens", "30", "--layers", "0,2", "--text", EVIL, "--text", "The cat sat.", "--seed", "5"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out / "index.html")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parameters"]["layers"] == [0, 2] and summary["parameters"]["seed"] == 5
     assert summary["tokens"]["lens_tokens"] == 30 and "load_model" in summary["timings_s"]
-    assert summary["model"]["name"] == str(tiny_dir)
+    assert summary["model"]["name"] == str(tiny_model_dir)
     examples = pd.read_csv(out / "examples.csv")
     assert sorted(examples["example"].unique()) == [0, 1]
     page = (out / "index.html").read_text()
@@ -307,12 +298,12 @@ def test_cli_end_to_end_tiny(tiny_dir, tmp_path, capsys):
         ("ok.txt", ["--corpus", "{tmp}/ok.txt", "--max-tokens", "-3"], "--max-tokens expects a positive integer"),
     ],
 )
-def test_cli_errors(tiny_dir, tmp_path, capsys, setup, args, fragment):
+def test_cli_errors(tiny_model_dir, tmp_path, capsys, setup, args, fragment):
     contents = {"empty.txt": "\n\n", "bad.jsonl": '{"text": "a"}\n{oops}\n', "nocol.csv": "body\nx\n",
                 "ok.txt": "\n".join(TINY_TEXTS)}
     if setup:
         (tmp_path / setup).write_text(contents[setup])
-    argv = ["report", "--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--quiet"]
+    argv = ["report", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--quiet"]
     rc = main(argv + [a.format(tmp=tmp_path) for a in args])
     err = capsys.readouterr().err
     assert rc == 2
@@ -320,24 +311,24 @@ def test_cli_errors(tiny_dir, tmp_path, capsys, setup, args, fragment):
     assert not (tmp_path / "out").exists()
 
 
-def _run_report(tiny_dir: Path, corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+def _run_report(tiny_model_dir: Path, corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "vsem_lens.cli", "report", "--model", str(tiny_dir), "--corpus", str(corpus),
+        [sys.executable, "-m", "vsem_lens.cli", "report", "--model", str(tiny_model_dir), "--corpus", str(corpus),
          "--out", str(out), "--max-tokens", "all", "--lens-tokens", "200", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_run_leaves_earlier_report_intact(tiny_dir, tmp_path, sig):
+def test_interrupted_run_leaves_earlier_report_intact(tiny_model_dir, tmp_path, sig):
     small = _jsonl(tmp_path / "small.jsonl", TINY_TEXTS)
     out = tmp_path / "report"
-    assert main(["report", "--model", str(tiny_dir), "--corpus", str(small), "--out", str(out), "--quiet"]) == 0
+    assert main(["report", "--model", str(tiny_model_dir), "--corpus", str(small), "--out", str(out), "--quiet"]) == 0
     before = _tree_digest(out)
     # A corpus long enough that the second run is still in its pass when the signal arrives.
     big = _jsonl(tmp_path / "big.jsonl", [f"{t} Copy number {i}." for i in range(600) for t in TINY_TEXTS])
-    proc = _run_report(tiny_dir, big, out, "--batch-size", "4")
+    proc = _run_report(tiny_model_dir, big, out, "--batch-size", "4")
     deadline = time.monotonic() + 120
     seen = ""
     while time.monotonic() < deadline:

@@ -253,12 +253,10 @@ def test_bfloat16_unembedding_trains_too(tiny_model):
     assert heldout_kl(tiny_model, lens)[:-1].mean() < 0.9 * before[:-1].mean()
 
 
-def test_cli_train(tiny_tokenizer, tmp_path, capsys, private_cache):
+def test_cli_train(tiny_model_dir, tmp_path, capsys, private_cache):
     from vsem_lens.cli import main
 
-    model_dir = tmp_path / "tiny"
-    make_tiny_hf(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TINY_TEXTS))
     out = tmp_path / "lens-out"
