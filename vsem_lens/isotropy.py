@@ -51,7 +51,7 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from .errors import InputError, NumericalError
-from .stats import Moments, _as_tensor, select_points
+from .stats import Moments, _as_tensor, chan_combine, select_points
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without the model stack
     import pandas as pd
@@ -725,14 +725,9 @@ class IsotropyState:
                 "cannot merge isotropy states tracking different (site, layer, frame) keys or widths; "
                 "build every shard's state with the same sites, layers and frames."
             )
-        n_a = self.count.to(torch.float64)
-        n_b = other.count.to(torch.float64)
-        n = n_a + n_b
-        safe = n.clamp_min(1.0)
-        delta = other.mean - self.mean
-        coef = (n_a * n_b / safe).reshape(-1, 1, 1)
-        self.m2 += other.m2 + delta.unsqueeze(2) * delta.unsqueeze(1) * coef
-        self.mean += delta * (n_b / safe).unsqueeze(1)
+        _, self.mean, self.m2 = chan_combine(
+            self.count, self.mean, self.m2, other.count, other.mean, other.m2, outer=True
+        )
         self.cos_total += other.cos_total
         self.count += other.count
         return self

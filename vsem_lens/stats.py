@@ -74,6 +74,37 @@ def select_points(
     return x.detach().reshape(-1, dim)  # statistics are not differentiable
 
 
+def chan_combine(
+    n_a: Tensor | int, mean_a: Tensor, m2_a: Tensor, n_b: Tensor | int, mean_b: Tensor, m2_b: Tensor, *,
+    outer: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Combine two (count, mean, centred sum of squares) summaries exactly (Chan, Golub & LeVeque).
+
+    ``n = n_a + n_b``, ``mean = mean_a + delta n_b / n`` and ``m2 = m2_a + m2_b + delta delta^T n_a n_b / n``
+    with ``delta = mean_b - mean_a``. Counts have the stream shape ``S`` (or are numbers); means are
+    ``S`` (scalar streams) or ``S + [d]`` with scatters ``S + [d, d]`` (``outer=True``). Streams that are
+    empty on both sides stay as they are. Returns new tensors ``(n, mean, m2)`` (``n`` in float64).
+
+    Example:
+        >>> n, mean, m2 = chan_combine(2, torch.tensor(1.0), torch.tensor(2.0), 2, torch.tensor(3.0), torch.tensor(2.0))
+        >>> n.item(), mean.item(), m2.item()          # the summaries of [0, 2] and [2, 4]
+        (4.0, 2.0, 8.0)
+    """
+    n_a = torch.as_tensor(n_a, dtype=torch.float64, device=mean_a.device)
+    n_b = torch.as_tensor(n_b, dtype=torch.float64, device=mean_a.device)
+    n = n_a + n_b
+    safe = n.clamp_min(1.0)
+    w_b, w_ab = (n_b / safe).to(mean_a.dtype), (n_a * n_b / safe).to(mean_a.dtype)
+    delta = mean_b - mean_a
+    if outer:
+        mean = mean_a + delta * w_b.unsqueeze(-1)
+        m2 = m2_a + m2_b + delta.unsqueeze(-1) * delta.unsqueeze(-2) * w_ab.reshape(*w_ab.shape, 1, 1)
+    else:
+        mean = mean_a + delta * w_b
+        m2 = m2_a + m2_b + delta.square() * w_ab
+    return n, mean, m2
+
+
 class RunningScalars:
     """Count, mean and centred sum of squares of many scalar streams at once (Chan et al. update).
 
@@ -100,12 +131,9 @@ class RunningScalars:
         values = values.to(torch.float64)
         mean_b = values.mean(dim=-1)
         m2_b = (values - mean_b.unsqueeze(-1)).square().sum(dim=-1)
-        n_a = self.count[where]
-        n = n_a + n_b
-        delta = mean_b - self.mean[where]
-        self.mean[where] = self.mean[where] + delta * (n_b / n)
-        self.m2[where] = self.m2[where] + m2_b + delta.square() * (n_a * n_b / n)
-        self.count[where] = n
+        self.count[where], self.mean[where], self.m2[where] = chan_combine(
+            self.count[where], self.mean[where], self.m2[where], n_b, mean_b, m2_b
+        )
 
     def std(self) -> Tensor:
         """Sample standard deviation (ddof=1); NaN where fewer than 2 values were seen."""
@@ -226,15 +254,8 @@ class Moments:
 
     def _combine(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
         """Chan et al. pairwise update with a batch summarised by (n_b, mean_b, m2_b)."""
-        n_a = self.count
-        if n_a == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
-            return
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self.count = n
+        _, self.mean, self.m2 = chan_combine(self.count, self.mean, self.m2, n_b, mean_b, m2_b, outer=True)
+        self.count += int(n_b)
 
     def __add__(self, other: Moments) -> Moments:
         """``a + b`` is a new :class:`Moments` holding both; ``a`` and ``b`` are left unchanged.
