@@ -54,10 +54,6 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999)
 FINE_BINS = 20_000
 
 
-# ---------------------------------------------------------------------------------- streaming scalars
-
-
-
 # ---------------------------------------------------------------------------------- basis view
 
 
@@ -538,8 +534,9 @@ def decomposition_by_layer(
 # ---------------------------------------------------------------------------------- affinity sparsity
 
 
-def _softmax_stats(scores: Float[Tensor, "token vocab"], k: int) -> dict[str, Tensor]:
-    """Entropy (bits), top-k mass and top-1 probability of softmax(scores), row by row (float32 is fine)."""
+def _softmax_stats(scores: Float[Tensor, "token vocab"], k: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Entropy (bits), top-k mass and top-1 probability of softmax(scores), row by row (float32 is fine);
+    and the top-1 score itself (from the same top-k pass)."""
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [T, 1]
     top = scores.topk(k, dim=-1).values  # [T, k]
     p = (scores - lse).exp_()  # the only [T, vocab] buffer
@@ -547,7 +544,7 @@ def _softmax_stats(scores: Float[Tensor, "token vocab"], k: int) -> dict[str, Te
     expected = torch.bmm(p.unsqueeze(1), scores.unsqueeze(2)).reshape(-1)
     entropy = (lse.squeeze(1) - expected) / LN2
     top_p = (top - lse).exp()
-    return {"entropy_bits": entropy, "topk_mass": top_p.sum(-1), "top1_prob": top_p[:, 0]}
+    return {"entropy_bits": entropy, "topk_mass": top_p.sum(-1), "top1_prob": top_p[:, 0]}, top[:, 0]
 
 
 def affinity_sparsity_by_layer(
@@ -608,12 +605,12 @@ def affinity_sparsity_by_layer(
                 for t, layer in enumerate(layer_list):
                     h = lens(resid[t, start : start + token_chunk], layer)
                     affinity = vocab_affinity(h, basis)
-                    out = _softmax_stats(affinity, k)
-                    out["top1_cosine"] = affinity.max(dim=-1).values
+                    out, top1_cosine = _softmax_stats(affinity, k)
+                    out["top1_cosine"] = top1_cosine  # the top-k pass already found the maximum
                     del affinity
                     for key, value in out.items():
                         running[key].update(value, (t, 0))
-                    lens_out = _softmax_stats(model.unembed(h.to(W_U.dtype)), k)
+                    lens_out, _ = _softmax_stats(model.unembed(h.to(W_U.dtype)), k)
                     for key, value in lens_out.items():
                         running[key].update(value, (t, 1))
     rows = []
