@@ -536,7 +536,7 @@ class _Trainer:
         mm_dtype = torch.bfloat16 if cfg.unembed_dtype == "bfloat16" else torch.float32
         self.W = model.W_U.to(mm_dtype)  # [d, V]; the backward matmul uses its transpose view
         self.b_U = model.b_U.float() if bool(model.b_U.any()) else None
-        self.W_f32 = model.W_U.float()
+        self.W_f32 = self.W if self.W.dtype == torch.float32 else model.W_U.float()  # exact targets
         self.history: list[list[float]] = []
         self.lrs: list[float] = []
         self.seconds = 0.0
