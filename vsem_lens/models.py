@@ -198,6 +198,21 @@ class HookedModel:
             >>> toks.ids.shape, toks.mask.sum(1).tolist()       # doctest: +SKIP
             (torch.Size([2, 2]), [2, 1])
         """
+        return self.pad(self.token_ids(texts, max_length=max_length, prepend_bos=prepend_bos))
+
+    def token_ids(
+        self,
+        texts: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+        prepend_bos: bool | None = None,
+    ) -> list[list[int]]:
+        """The token ids of each text, unpadded (the rows :meth:`tokenize` pads; same arguments).
+
+        Example:
+            >>> model.token_ids(["Hello world", "Hi"])  # doctest: +SKIP
+            [[19556, 905], [17560]]
+        """
         texts = check_texts(texts)
         bos = self.prepend_bos if prepend_bos is None else bool(prepend_bos)
         limit = self.n_ctx if max_length is None else int(max_length)
@@ -219,14 +234,22 @@ class HookedModel:
                     )
                 ids = ids[:limit]
             rows.append(ids)
+        return rows
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> Tokens:
+        """Right-pad rows of token ids into a :class:`Tokens` batch (mask 1 on real tokens).
+
+        Example:
+            >>> model.pad([[5, 6, 7], [8]]).mask.tolist()  # doctest: +SKIP
+            [[1, 1, 1], [1, 0, 0]]
+        """
         width = max(len(r) for r in rows)
-        pad_id = self.pad_token_id
-        ids_tensor = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            ids_tensor[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        return Tokens(ids_tensor, mask)
+        return Tokens(ids, mask)
 
     @property
     def pad_token_id(self) -> int:

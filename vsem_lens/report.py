@@ -77,7 +77,7 @@ from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
 from .errors import InputError
 from .lenses import Lens, check_frame
-from .models import HookedModel, Tokens, check_texts
+from .models import HookedModel, check_texts
 from .stats import RunningScalars
 
 #: Default number of sampled tokens whose every layer is read out over the whole vocabulary. Measured on
@@ -681,15 +681,6 @@ class _Plan:
         return int(self.offsets[-1] + len(self.rows[-1])) if self.rows else 0
 
 
-def _tokenize_rows(model: HookedModel, texts: list[str], max_length: int, chunk: int = 64) -> list[list[int]]:
-    rows: list[list[int]] = []
-    for start in range(0, len(texts), chunk):
-        toks = model.tokenize(texts[start : start + chunk], max_length=max_length)
-        for ids, n in zip(toks.ids.tolist(), toks.lengths.tolist()):
-            rows.append(ids[:n])
-    return rows
-
-
 def _plan(
     model: HookedModel,
     texts: list[str],
@@ -701,7 +692,7 @@ def _plan(
 ) -> _Plan:
     n_ctx = model.n_ctx
     # Tokenise one token past the context to detect (and count) texts cut to the context.
-    rows = _tokenize_rows(model, texts, max_length=n_ctx + 1)
+    rows = model.token_ids(texts, max_length=n_ctx + 1)
     n_truncated = sum(len(r) > n_ctx for r in rows)
     rows = [r[:n_ctx] for r in rows]
     used, total, cut_first = [], 0, False
@@ -738,16 +729,6 @@ def _plan(
         lens_mask=lens_mask,
         keep_mask=keep_mask,
     )
-
-
-def _batch_tokens(model: HookedModel, rows: list[list[int]]) -> Tokens:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return Tokens(ids, mask)
 
 
 # ---------------------------------------------------------------------------------- build_report
@@ -929,7 +910,7 @@ def build_report(
     )
     for done, b in enumerate(my_batches[start_at:], start=start_at + 1):
         text_ids = plan.batches[b]
-        tokens = _batch_tokens(model, [plan.rows[i] for i in text_ids])
+        tokens = model.pad([plan.rows[i] for i in text_ids])
         t0 = time.perf_counter()
         for batch in iter_capture(
             model, tokens, sites=DECOMPOSITION_SITES, layers=capture_layers, batch_size=len(text_ids)

@@ -520,7 +520,7 @@ class _Trainer:
     def __init__(self, model: HookedModel, texts: list[str], cfg: TrainingConfig, env: DistEnv = SINGLE):
         self.model, self.cfg, self.env = model, cfg, env
         self.n_tr, self.d = model.n_layers - 1, model.d_model
-        self.token_ids = self._tokenize(texts)
+        self.token_ids = model.token_ids(texts, max_length=cfg.max_length)
         self.corpus_hash = self._hash_corpus()
         self.plan = self._plan()
         self.translators = _Translators(self.n_tr, self.d, model.device)
@@ -556,14 +556,6 @@ class _Trainer:
         return self.ddp
 
     # -- data ----------------------------------------------------------------------------------
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        out: list[list[int]] = []
-        for start in range(0, len(texts), 64):
-            toks = self.model.tokenize(texts[start : start + 64], max_length=self.cfg.max_length)
-            for row, n in zip(toks.ids.tolist(), toks.lengths.tolist()):
-                out.append(row[:n])
-        return out
-
     def _hash_corpus(self) -> str:
         digest = hashlib.blake2b(digest_size=8)
         for ids in self.token_ids:
@@ -599,15 +591,7 @@ class _Trainer:
         rows = sorted((self.token_ids[i][:n] for i, n in self.plan[step]), key=len, reverse=True)
         owner = _assign_rows([len(r) for r in rows], self.env.world_size)
         rows = [row for row, rank in zip(rows, owner) if rank == self.env.rank]
-        if not rows:
-            return None
-        width = len(rows[0])
-        ids = torch.full((len(rows), width), self.model.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, : len(row)] = 1
-        return Tokens(ids, mask)
+        return self.model.pad(rows) if rows else None
 
     # -- one step ------------------------------------------------------------------------------
     def _capture(self, step: int) -> Float[Tensor, "layer token d_model"]:
