@@ -54,6 +54,24 @@ def test_iter_capture_streams_batches(tiny_model):
     assert logits.shape == (batches[0].n_tokens, tiny_model.d_vocab)
 
 
+def test_capture_stops_after_the_last_captured_layer(tiny_model):
+    """Without keep_logits the forward ends at the last hook: later blocks and the unembedding never run,
+    and the activations equal those of a full forward pass."""
+    ran = []
+    handles = [tiny_model.bridge.blocks[-1].register_forward_hook(lambda *a: ran.append("last block")),
+               tiny_model.bridge.unembed.register_forward_hook(lambda *a: ran.append("unembed"))]
+    try:
+        early = next(vl.iter_capture(tiny_model, TEXTS, layers=[0], sites=("resid_pre", "resid_post")))
+        assert ran == []
+        full = next(vl.iter_capture(tiny_model, TEXTS, layers=[0], sites=("resid_pre", "resid_post"), keep_logits=True))
+        assert ran == ["last block", "unembed"]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for site in ("resid_pre", "resid_post"):
+        assert torch.equal(early.acts[site], full.acts[site])
+
+
 def test_capture_errors(tiny_model):
     with pytest.raises(vl.InputError, match="unknown site"):
         vl.capture(tiny_model, TEXTS, sites=("resid_everywhere",))

@@ -150,6 +150,10 @@ class Activations:
         return f"Activations({shapes}, layers={self.layers}, n_tokens={len(self.tokens)})"
 
 
+class _StopForward(Exception):
+    """Raised by the last capture hook to end a forward pass early (the hooks context still removes the hooks)."""
+
+
 def iter_capture(
     model: HookedModel,
     texts: str | Sequence[str] | Tokens,
@@ -172,6 +176,8 @@ def iter_capture(
         batch_size: texts per forward pass.
         max_length: truncate texts to this many tokens (otherwise over-long texts are an error).
         keep_logits: also return the model's output logits at each real token ([token, d_vocab]).
+            Without it the forward pass stops as soon as every requested hook has fired (the blocks
+            after the last captured layer and the full-vocabulary unembedding are never run).
         check_finite: raise :class:`NumericalError` on NaN/inf activations.
         progress: show a tqdm bar over batches.
 
@@ -207,6 +213,7 @@ def iter_capture(
         }
 
         index_on = {flat_index.device: flat_index}
+        filled: set[tuple[str, int]] = set()
 
         def make_hook(site: str, slot: int):
             def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
@@ -218,13 +225,27 @@ def iter_capture(
                     if flat.device not in index_on:
                         index_on[flat.device] = flat_index.to(flat.device)
                     out.copy_(torch.index_select(flat, 0, index_on[flat.device]))
+                filled.add((site, slot))
+                if not keep_logits and len(filled) == n_hooks:
+                    raise _StopForward  # every buffer is full: skip the remaining blocks and the unembedding
                 return tensor
 
             return save
 
         fwd_hooks = [(name, make_hook(site, slot)) for site, names in hooks.items() for slot, name in enumerate(names)]
-        with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
-            logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
+        n_hooks = len(fwd_hooks)
+        logits = None
+        try:
+            with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+                logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
+        except _StopForward:
+            pass
+        if len(filled) < n_hooks:
+            missing = sorted({hooks[site][slot] for site, names in hooks.items() for slot in range(len(names))
+                              if (site, slot) not in filled})
+            raise NumericalError(
+                f"the hooks {', '.join(missing[:4])} did not fire; this model's hook names are not TransformerLens's."
+            )
         if check_finite:
             for site, tensor in acts.items():
                 # A sum is a fast multi-threaded NaN/inf test; only if it fails (or overflows) look closer.
