@@ -217,6 +217,8 @@ def test_features_match_the_model_and_are_cached(tiny_model, tmp_path, monkeypat
     assert torch.allclose(other.X, h0[offsets + last], atol=1e-5)
     means = torch.stack([h0[o : o + n].mean(0) for o, n in zip(offsets.tolist(), tokens.lengths.tolist())])
     assert torch.allclose(other.X_mean, means, atol=1e-5)
+    maxima = torch.stack([h0[o : o + n].amax(0) for o, n in zip(offsets.tolist(), tokens.lengths.tolist())])
+    assert torch.equal(other.X_max, maxima)
     assert first.head_input("tokens").shape == (len(task), 3, tiny_model.d_model)
 
 

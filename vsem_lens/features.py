@@ -48,9 +48,9 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_write, texts_digest
 from .basis import word_token_ids
-from .capture import check_layers, hook_name
+from .capture import check_layers, iter_capture
 from .datasets import TextClassificationTask
-from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard_indices
+from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard
 from .errors import InputError, NumericalError, VocabularyError
 from .models import HookedModel, cache_dir
 
@@ -286,50 +286,35 @@ def _forward_features(
     env: DistEnv = SINGLE,
 ) -> dict[str, Tensor]:
     n, d = len(prompts), model.d_model
-    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(n), key=lambda i: lengths[i])  # similar lengths together: less padding
+    token_rows = model.token_ids(prompts)
+    order = sorted(range(n), key=lambda i: len(token_rows[i]))  # similar lengths together: less padding
     out = {name: torch.empty(n, d, dtype=torch.float32) for name in ("X", "X_mean", "X_max")}
     out["label_logits"] = torch.empty(n, len(label_ids), dtype=torch.float32)
     W_labels = model.W_U[:, label_ids].float()  # [d, k]
     b_labels = model.b_U[label_ids].float()
-    last_layer = model.n_layers - 1
-    saved: dict[str, Tensor] = {}
-
-    def keep(tensor: Tensor, hook) -> Tensor:
-        saved[hook.name] = tensor.detach()
-        if hook.name == hook_name("resid_post", last_layer) or (
-            hook.name.endswith("hook_out") and hook.name.startswith(f"blocks.{last_layer}.")
-        ):
-            raise _StopForward  # nothing after the last block is needed: skip the full-vocabulary unembedding
-        return tensor
-
-    names = sorted({hook_name("resid_post", layer), hook_name("resid_post", last_layer)})
-    starts = [list(range(0, n, batch_size))[b] for b in shard_indices(-(-n // batch_size), env)]
+    layers = sorted({layer, model.n_layers - 1})
     done: list[int] = []
-    for start in tqdm(starts, desc="features", unit="batch", disable=not (progress and env.is_main)):
+    for start in tqdm(shard(range(0, n, batch_size), env), desc="features", unit="batch",
+                      disable=not (progress and env.is_main)):
         rows = order[start : start + batch_size]
-        tokens = model.tokenize([prompts[i] for i in rows])
-        ids, mask = tokens.ids.to(model.device), tokens.mask.to(model.device)
-        saved.clear()
-        try:
-            with torch.no_grad(), model.bridge.hooks(fwd_hooks=[(name, keep) for name in names]):
-                model.bridge(ids, attention_mask=mask)
-        except _StopForward:
-            pass
+        tokens = model.pad([token_rows[i] for i in rows])
+        # One capture of the (at most two) layers; it stops after the last block, before the unembedding.
+        acts = next(iter_capture(model, tokens, layers=layers, batch_size=len(rows))).acts["resid_post"]
         with torch.no_grad():
-            resid = _pick(saved, layer)
-            final = _pick(saved, last_layer)
+            resid = acts[layers.index(layer)]  # [real tokens of the batch, d], text by text
             if frame == "final_norm":
                 resid = model.final_norm(resid)
             resid = resid.float()
-            last = mask.sum(dim=1) - 1
-            arange = torch.arange(len(rows), device=resid.device)
-            real = mask.bool().unsqueeze(-1)
-            x_last = resid[arange, last]
-            x_mean = (resid * real).sum(dim=1) / real.sum(dim=1)
-            x_max = resid.masked_fill(~real, float("-inf")).amax(dim=1)
+            count = tokens.mask.sum(dim=1).to(resid.device)
+            doc = torch.repeat_interleave(torch.arange(len(rows), device=resid.device), count)
+            last = count.cumsum(0) - 1  # each text's last token
+            x_last = resid[last]
+            x_mean = resid.new_zeros(len(rows), d).index_add_(0, doc, resid) / count.unsqueeze(1)
+            x_max = resid.new_full((len(rows), d), float("-inf")).scatter_reduce_(
+                0, doc.unsqueeze(1).expand_as(resid), resid, reduce="amax"
+            )
             # The model's next-token logits over the label tokens: LN_f(h_L) W_U[:, labels] + b_U[labels].
-            lab = model.final_norm(final[arange, last]).float() @ W_labels + b_labels
+            lab = model.final_norm(acts[-1][last]).float() @ W_labels + b_labels
         if not (torch.isfinite(x_last).all() and torch.isfinite(lab).all() and torch.isfinite(x_max).all()):
             raise NumericalError(
                 "the model produced NaN/inf activations for some prompts; check the weights and dtype "
@@ -347,17 +332,6 @@ def _forward_features(
             for name, tensor in values.items():
                 out[name][rows_of_rank] = tensor
     return out
-
-
-class _StopForward(Exception):
-    """Raised from the last block's hook to end a forward pass early (the hooks context removes the hooks)."""
-
-
-def _pick(saved: dict[str, Tensor], layer: int) -> Tensor:
-    for name in (hook_name("resid_post", layer), f"blocks.{layer}.hook_out"):
-        if name in saved:
-            return saved[name]
-    raise NumericalError(f"the hook on layer {layer} did not fire; the model's hook names are not TransformerLens's.")
 
 
 def _safe(name: str) -> str:
