@@ -94,21 +94,22 @@ def test_summary_fields(tiny_report, tiny_model):
 
 
 def test_engine_matches_layer_readout(tiny_model):
-    """LensAggregator.read equals LayerReadout; update/table equals statistics recomputed from it."""
+    """Chunked readouts equal unchunked ones; LensAggregator's update/table equals statistics recomputed
+    from LayerReadout."""
     basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
     reference = LayerReadout(tiny_model, basis=basis, k=4)
-    engine = LensAggregator(tiny_model, basis, max_rows=7)  # several chunks per batch
+    engine = LayerReadout(tiny_model, basis=basis, k=4, max_rows=7)  # several chunks per batch
     agg = LensAggregator(tiny_model, basis, max_rows=5, quantile_capacity=10_000)
     refs = []
     for batch in iter_capture(tiny_model, TINY_TEXTS, batch_size=4):
         ref = reference(batch)
-        out = engine.read(batch.acts["resid_post"], batch.layers, k=4)
-        assert torch.equal(out["final_ids"], ref.final_ids)
+        out = engine(batch)
+        assert torch.equal(out.final_ids, ref.final_ids)
         for name in ("lens", "affinity"):
             for key in ("top_ids", "final_rank"):
-                assert torch.equal(out["readouts"][name][key], ref.readouts[name][key]), (name, key)
+                assert torch.equal(out.readouts[name][key], ref.readouts[name][key]), (name, key)
             for key in ("top_scores", "final_prob", "final_score", "kl_bits"):
-                torch.testing.assert_close(out["readouts"][name][key], ref.readouts[name][key], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(out.readouts[name][key], ref.readouts[name][key], atol=2e-5, rtol=1e-4)
         agg.update(batch.acts["resid_post"], batch.layers)
         refs.append(ref)
     table = agg.table(frame="final_norm")

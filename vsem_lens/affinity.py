@@ -176,13 +176,15 @@ class ReadoutKernel:
 
     @torch.no_grad()
     def __call__(
-        self, x: Float[Tensor, "layer token d_model"], rows: Sequence[int], last: int, *, k: int = 0
+        self, x: Float[Tensor, "layer token d_model"], rows: Sequence[int], last: int, *, k: int = 0,
+        names: Sequence[str] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """Readouts of at most :attr:`tokens_per_chunk` tokens.
 
         Args:
             x: residuals; ``x[rows[i]]`` is layer ``layers[i]`` and ``x[last]`` the last layer.
             k: top-k tokens to return (0: none).
+            names: the readouts to compute (default all).
 
         Returns:
             ``finals`` (``final_ids`` [t], ``final_entropy_bits`` [t]) and per readout name a dict of
@@ -209,6 +211,8 @@ class ReadoutKernel:
         target_index = final_ids.view(t, 1, 1).expand(t, n_layers, 1)
         results: dict[str, dict[str, Tensor]] = {}
         for name, (kind, lens) in self.readouts.items():
+            if names is not None and name not in names:
+                continue
             # Token-major rows [token, layer]: each token's final distribution applies to its L rows.
             h = torch.stack([lens(x[row], layer) for row, layer in zip(rows, self.layers)], dim=1)
             h = h.reshape(t * n_layers, -1).to(self.W_U.dtype)
@@ -243,6 +247,53 @@ class ReadoutKernel:
             values["target_score"] = target_score
             results[name] = values
         return finals, results
+
+    def read(
+        self, x: Float[Tensor, "layer token d_model"], rows: Sequence[int], last: int, *, k: int = 0,
+        names: Sequence[str] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """Readouts of any number of tokens (chunk by chunk), keyed and shaped as in :class:`ReadoutBatch`.
+
+        Returns ``finals`` (``final_ids``, ``final_entropy_bits`` [token]) and per readout name
+        ``final_rank`` (int64), ``final_prob``, ``final_score``, ``kl_bits`` [layer, token] and, when
+        ``k``, ``top_ids``/``top_scores`` [layer, token, k]. Zero tokens give empty tensors.
+
+        Example:
+            >>> finals, values = kernel.read(resid, rows=list(range(30)), last=29, k=5)  # doctest: +SKIP
+            >>> values["lens"]["top_ids"].shape                                         # doctest: +SKIP
+            torch.Size([30, 12, 5])
+        """
+        names = list(self.readouts) if names is None else list(names)
+        n_layers, n_tok, device = len(self.layers), x.shape[1], self.W_U.device
+        if n_tok == 0:
+            empty = {"final_rank": torch.empty(n_layers, 0, dtype=torch.long, device=device),
+                     **{key: torch.empty(n_layers, 0, dtype=self.dtype, device=device)
+                        for key in ("final_prob", "final_score", "kl_bits")}}
+            if k:
+                empty["top_ids"] = torch.empty(n_layers, 0, k, dtype=torch.long, device=device)
+                empty["top_scores"] = torch.empty(n_layers, 0, k, dtype=self.dtype, device=device)
+            finals = {"final_ids": torch.empty(0, dtype=torch.long, device=device),
+                      "final_entropy_bits": torch.empty(0, dtype=self.dtype, device=device)}
+            return finals, {name: dict(empty) for name in names}
+        final_parts: dict[str, list[Tensor]] = {}
+        parts: dict[str, dict[str, list[Tensor]]] = {name: {} for name in names}
+        for start in range(0, n_tok, self.tokens_per_chunk):
+            chunk_finals, values = self(x[:, start : start + self.tokens_per_chunk], rows, last, k=k, names=names)
+            for key, value in chunk_finals.items():
+                final_parts.setdefault(key, []).append(value)
+            for name, by_key in values.items():
+                for key, value in by_key.items():
+                    parts[name].setdefault(key, []).append(value)
+        renamed = {"rank": "final_rank", "prob": "final_prob", "target_score": "final_score", "kl_bits": "kl_bits",
+                   "top_ids": "top_ids", "top_scores": "top_scores"}
+        readouts = {
+            # [token, layer, ...] chunks -> [layer, token, ...]
+            name: {renamed[key]: torch.cat(chunks).transpose(0, 1).contiguous() for key, chunks in by_key.items()}
+            for name, by_key in parts.items()
+        }
+        for by_key in readouts.values():
+            by_key["final_rank"] = by_key["final_rank"].long()
+        return {key: torch.cat(chunks) for key, chunks in final_parts.items()}, readouts
 
 
 class LayerReadout:
@@ -308,45 +359,14 @@ class LayerReadout:
         if select is not None:
             resid = resid[:, select.to(resid.device)]
             doc_index, positions, token_ids = doc_index[select], positions[select], token_ids[select]
-        if resid.shape[1] == 0:  # nothing selected: the usual keys, with no tokens
-            n_layers, dtype = len(self.layers), self.kernel.dtype
-            empty = {
-                "top_ids": torch.empty(n_layers, 0, self.k, dtype=torch.long),
-                "top_scores": torch.empty(n_layers, 0, self.k, dtype=dtype),
-                "final_rank": torch.empty(n_layers, 0, dtype=torch.long),
-                **{key: torch.empty(n_layers, 0, dtype=dtype) for key in ("final_prob", "final_score", "kl_bits")},
-            }
-            return ReadoutBatch(
-                layers=self.layers, doc_index=doc_index, positions=positions, token_ids=token_ids,
-                final_ids=torch.empty(0, dtype=torch.long), final_entropy_bits=torch.empty(0, dtype=dtype),
-                readouts={name: dict(empty) for name in self.readouts},
-            )
-        step = self.kernel.tokens_per_chunk
-        finals: dict[str, list[Tensor]] = {}
-        parts: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.readouts}
-        for start in range(0, resid.shape[1], step):
-            chunk_finals, values = self.kernel(resid[:, start : start + step], rows, last, k=self.k)
-            for key, value in chunk_finals.items():
-                finals.setdefault(key, []).append(value)
-            for name, by_key in values.items():
-                for key, value in by_key.items():
-                    parts[name].setdefault(key, []).append(value)
-        renamed = {"rank": "final_rank", "prob": "final_prob", "target_score": "final_score", "kl_bits": "kl_bits",
-                   "top_ids": "top_ids", "top_scores": "top_scores"}
-        readout_tensors = {
-            # [token, layer, ...] chunks -> [layer, token, ...]
-            name: {renamed[key]: torch.cat(chunks).transpose(0, 1).contiguous() for key, chunks in by_key.items()}
-            for name, by_key in parts.items()
-        }
-        for by_key in readout_tensors.values():
-            by_key["final_rank"] = by_key["final_rank"].long()
+        finals, readout_tensors = self.kernel.read(resid, rows, last, k=self.k)
         return ReadoutBatch(
             layers=self.layers,
             doc_index=doc_index,
             positions=positions,
             token_ids=token_ids,
-            final_ids=torch.cat(finals["final_ids"]),
-            final_entropy_bits=torch.cat(finals["final_entropy_bits"]),
+            final_ids=finals["final_ids"],
+            final_entropy_bits=finals["final_entropy_bits"],
             readouts=readout_tensors,
         )
 

@@ -393,47 +393,6 @@ class LensAggregator:
                 self._kept[stat].append(torch.stack(parts))  # [readout, token, layer]
             self.n_kept += n_keep
 
-    @torch.no_grad()
-    def read(
-        self, resid: Float[Tensor, "layer token d_model"], batch_layers: Sequence[int], *, k: int = 5
-    ) -> dict[str, Any]:
-        """Per-token readouts (nothing is accumulated), as tensors [layer, token, ...].
-
-        Returns ``{"final_ids": [T], "final_entropy_bits": [T], "readouts": {name: {"top_ids",
-        "top_scores" [L, T, k], "final_rank", "final_prob", "final_score", "kl_bits" [L, T]}}}`` with
-        the keys and meaning of :class:`~vsem_lens.affinity.ReadoutBatch`.
-
-        Example:
-            >>> out = agg.read(batch.acts["resid_post"], batch.layers, k=5)   # doctest: +SKIP
-            >>> out["readouts"]["affinity"]["top_ids"].shape                  # doctest: +SKIP
-            torch.Size([30, 12, 5])
-        """
-        rows, last = self._rows_of(batch_layers)
-        parts: dict[str, dict[str, list[Tensor]]] = {name: {} for name in self.names}
-        finals: dict[str, list[Tensor]] = {"final_ids": [], "final_entropy_bits": []}
-        for start in range(0, resid.shape[1], self.tokens_per_chunk):
-            chunk = resid[:, start : start + self.tokens_per_chunk]
-            for name, values in self._readout_chunk(chunk, rows, last, k=k, finals=finals):
-                for key, value in values.items():
-                    parts[name].setdefault(key, []).append(value)
-        key_map = {"rank": "final_rank", "prob": "final_prob", "target_score": "final_score", "kl_bits": "kl_bits",
-                   "top_ids": "top_ids", "top_scores": "top_scores"}
-        readouts = {}
-        for name, by_key in parts.items():
-            # [token, layer, ...] chunks -> [layer, token, ...]
-            readouts[name] = {
-                key_map[key]: torch.cat(values, dim=0).transpose(0, 1).contiguous()
-                for key, values in by_key.items()
-                if key in key_map
-            }
-            readouts[name]["final_rank"] = readouts[name]["final_rank"].long()
-        return {
-            "layers": list(self.layers),
-            "final_ids": torch.cat(finals["final_ids"]),
-            "final_entropy_bits": torch.cat(finals["final_entropy_bits"]),
-            "readouts": readouts,
-        }
-
     def _readout_chunk(
         self, x: Tensor, rows: list[int], last: int, *, k: int, finals: dict[str, list[Tensor]] | None = None
     ) -> Iterator[tuple[str, dict[str, Tensor]]]:
@@ -979,9 +938,7 @@ def build_report(
     # -- examples: every position, with the top-k tokens ------------------------------------------
     log(f"affinity map of {len(example_texts)} example text(s)")
     with _stage(timings, "examples"):
-        examples_df, example_meta = _example_table(
-            model, basis, frame, layer_list, example_texts, {k: v for k, v in readouts.items() if k != 'tuned_lens'}
-        )
+        examples_df, example_meta = _example_table(model, agg, frame, example_texts)
 
     log("basis coherence and leverage")
     with _stage(timings, "basis coherence"):
@@ -1177,30 +1134,27 @@ def _styled(fig: Any, *, height: int | None = None) -> Any:
 
 
 def _example_table(
-    model: HookedModel,
-    basis: SemanticBasis,
-    frame: str,
-    layers: list[int],
-    texts: list[str],
-    readouts: dict[str, tuple[str, Lens]],
+    model: HookedModel, agg: LensAggregator, frame: str, texts: list[str]
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Readouts of every position of the example texts (with the top-k tokens) as a tidy table."""
+    """Lens and affinity readouts of every position of the example texts (with the top-k tokens) as a
+    tidy table, through the aggregator's own readout kernel (no second set of vocabulary buffers)."""
     vocab = vocabulary_strings(model)
-    engine = LensAggregator(model, basis, layers=layers, readouts=readouts)
     frames, metas = [], []
     for i, text in enumerate(texts):
-        full = model.tokenize([text], max_length=model.n_ctx).lengths.item()
-        tokens = model.tokenize([text], max_length=min(EXAMPLE_MAX_TOKENS, model.n_ctx))
-        for batch in iter_capture(model, tokens, layers=engine.capture_layers, batch_size=1):
-            out = engine.read(batch.acts["resid_post"], batch.layers, k=EXAMPLE_TOP_K)
-        n_layers, n_tok = len(out["layers"]), batch.n_tokens
-        aff, lens = out["readouts"]["affinity"], out["readouts"]["lens"]
+        ids = model.token_ids([text], max_length=model.n_ctx)[0]
+        tokens = model.pad([ids[: min(EXAMPLE_MAX_TOKENS, model.n_ctx)]])
+        batch = next(iter_capture(model, tokens, layers=agg.capture_layers, batch_size=1))
+        rows, last = agg._rows_of(batch.layers)
+        finals, out = agg.kernel.read(batch.acts["resid_post"], rows, last, k=EXAMPLE_TOP_K, names=("lens", "affinity"))
+        n_layers, n_tok = len(agg.layers), batch.n_tokens
+        aff = {key: value.cpu() for key, value in out["affinity"].items()}
+        lens = {key: value.cpu() for key, value in out["lens"].items()}
         cols: dict[str, Any] = {
             "example": i,
-            "layer": torch.tensor(out["layers"]).repeat_interleave(n_tok).numpy(),
+            "layer": torch.tensor(agg.layers).repeat_interleave(n_tok).numpy(),
             "position": batch.positions.repeat(n_layers).numpy(),
             "token_id": batch.token_ids.repeat(n_layers).numpy(),
-            "final_id": out["final_ids"].repeat(n_layers).numpy(),
+            "final_id": finals["final_ids"].cpu().repeat(n_layers).numpy(),
         }
         aff_ids = aff["top_ids"].reshape(n_layers * n_tok, -1).tolist()
         cols["affinity_top1"] = [vocab[row[0]] for row in aff_ids]
@@ -1216,7 +1170,7 @@ def _example_table(
         df.insert(4, "token", [vocab[j] for j in df["token_id"]])
         df.insert(6, "final_token", [vocab[j] for j in df["final_id"]])
         frames.append(df)
-        metas.append({"index": i, "text": text, "n_tokens": n_tok, "n_tokens_full": int(full)})
+        metas.append({"index": i, "text": text, "n_tokens": n_tok, "n_tokens_full": len(ids)})
     table = pd.concat(frames, ignore_index=True)
     table["frame"] = frame
     return table, metas
