@@ -50,20 +50,25 @@ def messenger(quiet: bool) -> Callable[[str], None]:
 
     def say(message: str) -> None:
         if not quiet:
-            print(f"vsem-lens: {message}", file=sys.stderr)
+            print(f"vsem-lens: {message}", file=sys.stderr, flush=True)
 
     return say
 
 
-def load_model_from_args(args: argparse.Namespace, say: Callable[[str], None], **kwargs: Any):
-    """Load ``args.model`` on ``args.device`` and report how long it took."""
+def load_model_from_args(
+    args: argparse.Namespace, say: Callable[[str], None], *, device: str | None = None, **kwargs: Any
+):
+    """Load ``args.model`` on ``device`` (default ``args.device``), say how long it took; ``(model, seconds)``.
+
+    ``kwargs`` go to :func:`~vsem_lens.models.load_model` (``dtype``, the placement options, ...).
+    """
     from ..models import load_model
 
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, prepend_bos=args.prepend_bos, **kwargs)
-    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in "
-        f"{time.perf_counter() - started:.1f} s")
-    return model
+    model = load_model(args.model, device=device or args.device, prepend_bos=args.prepend_bos, **kwargs)
+    seconds = time.perf_counter() - started
+    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {seconds:.1f} s")
+    return model, seconds
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     frame = check_frame(args.frame)
     sample = parse_positive(args.sample, "--sample")
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else []
-    model = load_model_from_args(args, say)
+    model, _ = load_model_from_args(args, say)
     basis = SemanticBasis.from_model(model, frame=frame)
     if words:
         ids = basis.token_ids_for_words(words)  # validates the words before any long computation

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
 from .._io import atomic_write
-from ._common import add_distributed_argument, add_model_arguments, parse_positive, start_distributed
+from ._common import (
+    add_distributed_argument, add_model_arguments, load_model_from_args, messenger, parse_positive, start_distributed,
+)
 
 
 def parse_verbalizer(spec: str | None) -> dict[str, str] | None:
@@ -99,7 +100,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import CalibratedModel, NeuralClusteringHead, classification_metrics
     from ..distributed import destroy
     from ..features import extract_features
-    from ..models import load_model
 
     baselines = parse_baselines(args.baselines)
     epochs = parse_positive(args.epochs, "--epochs")
@@ -112,16 +112,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"--out {str(out)!r} is a file; pass a directory.")
     env, device = start_distributed(args, "calibrate")
     quiet = bool(args.quiet) or not env.is_main
-
-    def say(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr, flush=True)
-
+    say = messenger(quiet)
     splits = {s: task.split(s) for s in ("train", "validation", "test")}
     try:
         say(f"task {task.name}: {len(task)} examples, classes {task.label_names}, words {task.label_words}")
-        model = load_model(args.model, device=device, prepend_bos=args.prepend_bos)
-        say(f"model {model.name} ({model.n_layers} layers, d_model {model.d_model}); BOS prepended: {model.prepend_bos}")
+        model, _ = load_model_from_args(args, say, device=device)
+        say(f"BOS prepended: {model.prepend_bos}")
         kw = dict(layer=args.layer, frame=args.frame, progress=not quiet, distributed=env if env.active else None)
         feats = {s: extract_features(model, t, **kw) for s, t in splits.items()}
     finally:

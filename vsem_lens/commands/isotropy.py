@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         texts = texts[: parse_positive(args.max_texts, "--max-texts")]
     batch_size = parse_positive(args.batch_size, "--batch-size")
     layers = parse_layers(args.layers)
-    model = load_model_from_args(args, say)
+    model, _ = load_model_from_args(args, say)
     table = isotropy_by_layer(
         model, texts, sites=_names(args.sites), frames=_names(args.frames), layers=layers,
         batch_size=batch_size, max_length=args.max_length, progress=not args.quiet,

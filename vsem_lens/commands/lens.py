@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 from .._io import texts_digest
 from ..errors import InputError
-from ._common import add_distributed_argument, add_model_arguments, messenger, start_distributed
+from ._common import add_distributed_argument, add_model_arguments, load_model_from_args, messenger, start_distributed
 
 
 def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: bool) -> Path:
@@ -63,14 +62,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config, texts: list[str], env, device: str, *, quiet: bool) -> int:
-    from ..models import load_model
     from ..tuned import TunedLens, tuned_lens_cache_path
 
     say = messenger(quiet)
-    started = time.perf_counter()
-    model = load_model(args.model, device=device, prepend_bos=args.prepend_bos)
-    say(f"loaded {model.name} ({model.n_layers} layers) in {time.perf_counter() - started:.1f} s; "
-        f"{len(texts)} texts; {config.steps} steps x {config.tokens_per_step} tokens, {config.optimizer} lr {config.lr}")
+    model, _ = load_model_from_args(args, say, device=device)
+    say(f"{len(texts)} texts; {config.steps} steps x {config.tokens_per_step} tokens, {config.optimizer} lr {config.lr}")
     cache_path = tuned_lens_cache_path(model)
     checkpoints = _checkpoint_dir(cache_path, config, texts, model.prepend_bos)
     if (checkpoints / "checkpoint.pt").is_file():

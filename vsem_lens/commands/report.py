@@ -13,11 +13,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from ..errors import InputError
-from ._common import add_distributed_argument, add_model_arguments, parse_layers, parse_positive, start_distributed
+from ._common import (
+    add_distributed_argument, add_model_arguments, load_model_from_args, messenger, parse_layers, parse_positive,
+    start_distributed,
+)
 
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
@@ -79,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import load_corpus
     from ..distributed import destroy
     from ..lenses import check_frame
-    from ..models import load_model
     from ..report import build_report
 
     quiet = bool(args.quiet)
@@ -101,19 +101,11 @@ def run(args: argparse.Namespace) -> int:
     env, device = start_distributed(args, "report")
     quiet = quiet or not env.is_main
 
-    def say(message: str) -> None:
-        if not quiet:
-            print(f"vsem-lens: {message}", file=sys.stderr, flush=True)
-
+    say = messenger(quiet)
     where = f"device_map={placement}" if placement else device
     say(f"loading model {args.model!r} on {where}")
-    start = time.perf_counter()
-    if placement:
-        model = load_model(args.model, dtype=dtype, prepend_bos=args.prepend_bos, **placement)
-    else:
-        model = load_model(args.model, device=device, dtype=dtype, prepend_bos=args.prepend_bos)
-    load_seconds = time.perf_counter() - start
-    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {load_seconds:.1f} s")
+    # With placement options load_model ignores `device` (the device map decides).
+    model, load_seconds = load_model_from_args(args, say, device=device, dtype=dtype, **placement)
     try:
         report = build_report(
             model,
