@@ -296,6 +296,26 @@ class ReadoutKernel:
         return {key: torch.cat(chunks) for key, chunks in final_parts.items()}, readouts
 
 
+def basis_and_lens(
+    model: HookedModel, frame: str | Lens, basis: SemanticBasis | None = None, *, build_basis: bool = True
+) -> tuple[SemanticBasis | None, Lens]:
+    """The semantic basis of ``frame`` (built when not given and ``build_basis``) and the lens into it.
+
+    A frame name equal to the basis's frame reuses the basis's own lens (so a tuned lens is loaded once);
+    a :class:`Lens` (or another frame name) is resolved by :func:`~vsem_lens.lenses.resolve_frame`.
+
+    Example:
+        >>> basis, lens = basis_and_lens(model, "final_norm")   # doctest: +SKIP
+        >>> lens is basis.lens                                 # doctest: +SKIP
+        True
+    """
+    if basis is None and build_basis:
+        basis = SemanticBasis.from_model(model, frame=frame if isinstance(frame, str) else "final_norm")
+    if basis is not None and isinstance(frame, str) and frame == basis.frame:
+        return basis, basis.lens
+    return basis, resolve_frame(frame, model)
+
+
 class LayerReadout:
     """Readout statistics of captured residuals: the per-batch engine behind :func:`iter_layer_readouts`.
 
@@ -329,12 +349,10 @@ class LayerReadout:
             raise InputError(f"k must be between 1 and {model.d_vocab}, got {k}.")
         if max_rows < 1:
             raise InputError(f"max_rows must be at least 1, got {max_rows}.")
-        if basis is None and "affinity" in readouts:
-            basis = SemanticBasis.from_model(model, frame=frame if isinstance(frame, str) else "final_norm")
         if frame is None:
             frame = basis.frame if basis is not None else "final_norm"
+        basis, self.lens = basis_and_lens(model, frame, basis, build_basis="affinity" in readouts)
         self.model = model
-        self.lens = basis.lens if basis is not None and frame == basis.frame else resolve_frame(frame, model)
         self.frame = self.lens.frame
         self.readouts = tuple(readouts)
         self.k = k

@@ -40,11 +40,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .affinity import vocab_affinity, vocabulary_strings
+from .affinity import basis_and_lens, vocab_affinity, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import ArtifactError, InputError
-from .lenses import Lens, resolve_frame
+from .lenses import Lens
 from .models import HookedModel
 from .stats import RunningScalars
 
@@ -588,11 +588,9 @@ def affinity_sparsity_by_layer(
         raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
     layer_list = check_layers(layers, model.n_layers)
     frame_name = frame.frame if isinstance(frame, Lens) else frame
-    if basis is None:
-        basis = SemanticBasis.from_model(model, frame=frame_name if isinstance(frame, str) else "final_norm")
-    elif not isinstance(basis, SemanticBasis):
+    if basis is not None and not isinstance(basis, SemanticBasis):
         raise InputError(f"basis must be a SemanticBasis, got {type(basis).__name__}.")
-    lens = basis.lens if isinstance(frame, str) and frame == basis.frame else resolve_frame(frame, model)
+    basis, lens = basis_and_lens(model, frame, basis)
     keys = ("entropy_bits", "topk_mass", "top1_prob", "top1_cosine")
     running = {key: RunningScalars((len(layer_list), 2)) for key in keys}  # readout 0 affinity, 1 lens
     W_U = model.W_U
