@@ -526,6 +526,16 @@ def _token_logprobs(
     return lp * mask[:, 1:].to(lp.dtype)
 
 
+def _text_logprobs(
+    model: HookedModel, texts: Sequence[str], *, prepend_bos: bool | None = None, max_length: int | None = None
+) -> tuple[Float[Tensor, "text pos_minus_1"], Tokens]:
+    """Tokenise ``texts``, run the model (in the caller's grad mode) and return the log-probability of
+    every real next token (0 at padding), with the tokens."""
+    tokens = model.tokenize(list(texts), prepend_bos=prepend_bos, max_length=max_length)
+    logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
+    return _token_logprobs(logits, tokens), tokens
+
+
 def sentence_logprobs(
     model: HookedModel,
     sentences: Sequence[str],
@@ -544,10 +554,9 @@ def sentence_logprobs(
     """
     out = torch.empty(len(sentences), dtype=torch.float64)
     for span in _batches(len(sentences), batch_size):
-        tokens = model.tokenize(list(sentences[span]), prepend_bos=prepend_bos)
         with torch.no_grad():
-            logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-        out[span] = _token_logprobs(logits, tokens).sum(dim=1).double().cpu()
+            lp, _ = _text_logprobs(model, sentences[span], prepend_bos=prepend_bos)
+        out[span] = lp.sum(dim=1).double().cpu()
     return out
 
 

@@ -68,7 +68,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .errors import InputError
-from .minimal_pairs import MinimalPair, _check_pairs, _token_logprobs, score_minimal_pairs, summarize_pair_scores
+from .minimal_pairs import MinimalPair, _check_pairs, _text_logprobs, score_minimal_pairs, summarize_pair_scores
 from .models import HookedModel
 
 OBJECTIVES = ("margin", "lm")
@@ -169,10 +169,8 @@ def pair_margins(
         >>> pair_margins(model, pairs[:4]).shape  # doctest: +SKIP
         torch.Size([4])
     """
-    sentences = [p.good for p in pairs] + [p.bad for p in pairs]
-    tokens = model.tokenize(sentences, prepend_bos=prepend_bos)
-    logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-    logp = _token_logprobs(logits, tokens).sum(dim=1)
+    lp, _ = _text_logprobs(model, [p.good for p in pairs] + [p.bad for p in pairs], prepend_bos=prepend_bos)
+    logp = lp.sum(dim=1)
     n = len(pairs)
     return logp[:n] - logp[n:]
 
@@ -530,9 +528,7 @@ def copy_model(model: HookedModel) -> HookedModel:
 def _loss(model: HookedModel, batch: Sequence[MinimalPair], cfg: FTGDConfig) -> Tensor:
     if cfg.objective == "margin":
         return torch.nn.functional.softplus(-pair_margins(model, batch, prepend_bos=cfg.prepend_bos)).mean()
-    tokens = model.tokenize([p.good for p in batch], prepend_bos=cfg.prepend_bos)
-    logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-    lp = _token_logprobs(logits, tokens)
+    lp, tokens = _text_logprobs(model, [p.good for p in batch], prepend_bos=cfg.prepend_bos)
     return -lp.sum() / tokens.mask[:, 1:].sum().clamp_min(1)
 
 
@@ -610,10 +606,9 @@ def corpus_perplexity(
     """
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        tokens = model.tokenize(list(texts[start : start + batch_size]), max_length=max_length)
         with torch.no_grad():
-            logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-        total += float(_token_logprobs(logits, tokens).double().sum())
+            lp, tokens = _text_logprobs(model, texts[start : start + batch_size], max_length=max_length)
+        total += float(lp.double().sum())
         count += int(tokens.mask[:, 1:].sum())
     if count == 0:
         raise InputError("the texts have no predicted tokens (each text needs at least two tokens).")
