@@ -825,19 +825,20 @@ class IsotropyState:
 
     # ------------------------------------------------------------------ persistence
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, clone: bool = True) -> dict[str, Any]:
         """Plain tensors plus the key list (picklable; no model reference).
+
+        ``clone=False`` returns the live tensors, for a caller that serialises them at once (the
+        scatter matrices are ``keys x d_model^2`` float64: a checkpoint need not copy them first).
 
         Example:
             >>> IsotropyState.from_state_dict(state.state_dict(), final_norm=model.final_norm)  # doctest: +SKIP
         """
+        copy = (lambda t: t.clone()) if clone else (lambda t: t)
         return {
             "keys": [list(k) for k in self.keys],
             "d_model": self.d_model,
-            "count": self.count.clone(),
-            "mean": self.mean.clone(),
-            "m2": self.m2.clone(),
-            "cos_total": self.cos_total.clone(),
+            **{name: copy(getattr(self, name)) for name in ("count", "mean", "m2", "cos_total")},
         }
 
     @classmethod

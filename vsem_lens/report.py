@@ -847,16 +847,13 @@ def build_report(
 
     def save_checkpoint(done: int) -> None:
         assert checkpoint is not None
-        # The isotropy state (2 x layers x d_model^2 float64) is serialised as it is, not cloned first.
-        iso_state = {"keys": [list(k) for k in iso.keys], "d_model": iso.d_model, "count": iso.count,
-                     "mean": iso.mean, "m2": iso.m2, "cos_total": iso.cos_total}
         checkpoint.save(
             {
                 "batches_done": done,
-                "isotropy": iso_state,
+                "isotropy": iso.state_dict(clone=False),  # serialised at once: no copy of the scatter matrices
                 "lens": agg.state_dict(),
                 "decomposition": dec.state_dict(),
-                "lens_per_text": lens_per_text.clone(),
+                "lens_per_text": lens_per_text,
             }
         )
 
