@@ -19,6 +19,8 @@ import uuid
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from .report_plots import total_seconds
+
 if TYPE_CHECKING:
     from .report import Report
 
@@ -141,9 +143,7 @@ def _facts_table(caption: str, rows: list[tuple[str, Any]]) -> str:
 
 def _run_card(summary: dict[str, Any]) -> str:
     model, tok, par = summary.get("model", {}), summary.get("tokens", {}), summary.get("parameters", {})
-    timings = summary.get("timings_s", {})
-    total = sum(v for k, v in timings.items() if k.startswith("total")) or sum(timings.values())
-    total += timings.get("load_model", 0.0) if "total (build_report)" in timings else 0.0
+    total = total_seconds(summary.get("timings_s", {}))
     cards = [
         _facts_table(
             "Model",

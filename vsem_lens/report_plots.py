@@ -370,6 +370,20 @@ def plot_isotropy_overview(df: pd.DataFrame) -> go.Figure:
 # ---------------------------------------------------------------------------------- section 5
 
 
+def total_seconds(timings: dict[str, float]) -> float:
+    """Wall time of a run from its stage timings: the ``total ...`` entries plus the model load (or,
+    without a total, the sum of the stages).
+
+    Example:
+        >>> total_seconds({"load_model": 2.0, "capture": 5.0, "total (build_report)": 9.0})
+        11.0
+    """
+    totals = [seconds for stage, seconds in timings.items() if stage.startswith("total")]
+    if not totals:
+        return float(sum(timings.values()))
+    return float(sum(totals) + timings.get("load_model", 0.0))
+
+
 def plot_timings(df: pd.DataFrame, *, peak_rss: float | None = None) -> go.Figure:
     """Horizontal bars: wall time per stage (the total is in the title).
 
@@ -377,10 +391,8 @@ def plot_timings(df: pd.DataFrame, *, peak_rss: float | None = None) -> go.Figur
         >>> plot_timings(pd.DataFrame({"stage": ["a", "b"], "seconds": [1.0, 2.0]})).data[0].type
         'bar'
     """
-    total_rows = df["stage"].str.startswith("total")
-    parts = df[~total_rows]
-    total = float(df.loc[total_rows, "seconds"].sum()) if total_rows.any() else float(parts["seconds"].sum())
-    total += float(df.loc[df["stage"] == "load_model", "seconds"].sum()) if total_rows.any() else 0.0
+    parts = df[~df["stage"].str.startswith("total")]
+    total = total_seconds(dict(zip(df["stage"], df["seconds"])))
     fig = go.Figure(
         go.Bar(
             x=parts["seconds"],

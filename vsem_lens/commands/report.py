@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import destroy
     from ..lenses import check_frame
     from ..report import build_report
+    from ..report_plots import total_seconds
 
     quiet = bool(args.quiet)
     # Validate cheap options before loading anything.
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report.add_timing("load_model", load_seconds)
     out = report.save(args.out)
-    total = sum(v for k, v in report.summary["timings_s"].items() if k in ("load_model", "total (build_report)"))
+    total = total_seconds(report.summary["timings_s"])
     tokens = report.summary["tokens"]
     say(
         f"report of {tokens['corpus_tokens']:,} tokens ({tokens['lens_tokens']:,} read out) written to "
