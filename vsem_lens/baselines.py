@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .calibration import classification_metrics, torch_threads
 from .datasets import TextClassificationTask
 from .errors import InputError, ModelLoadError
-from .features import Features, build_prompts, extract_features, label_token_ids
+from .features import Features, build_prompts, extract_features, label_token_ids, n_tokens
 from .models import HookedModel
 
 BASELINES = ("zero-shot", "affinity", "knn", "probe", "icl", "lora", "ia3")
@@ -342,7 +342,7 @@ def icl_baseline(
     if "{text}" in prefix:
         raise InputError("a demonstration contains the literal '{text}'; it cannot be used as a prompt prefix.")
     limit = model.n_ctx if max_length is None else int(max_length)
-    prefix_tokens = int(model.tokenize(prefix, max_length=1 << 30).lengths[0])
+    prefix_tokens = n_tokens(model, prefix)
     if prefix_tokens + 8 > limit:
         raise InputError(
             f"the {shots}-shot demonstrations take {prefix_tokens} tokens, leaving no room for a query within "

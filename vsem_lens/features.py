@@ -52,7 +52,7 @@ from .capture import check_layers, iter_capture
 from .datasets import TextClassificationTask
 from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard
 from .errors import InputError, NumericalError, VocabularyError
-from .models import HookedModel, cache_dir
+from .models import HookedModel, cache_dir, check_texts
 
 FORMAT_VERSION = 2
 FEATURE_FRAMES = ("final_norm", "raw")
@@ -132,19 +132,19 @@ def build_prompts(
     prompts, shortened = [], 0
     for text in texts:
         prompt = template.replace("{text}", text)
-        if _n_tokens(model, prompt) <= limit:
+        if n_tokens(model, prompt) <= limit:
             prompts.append(prompt)
             continue
         words = text.split()
         lo, hi = 0, len(words)  # binary search the longest prefix of words that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if _n_tokens(model, template.replace("{text}", " ".join(words[:mid]) + " ...")) <= limit:
+            if n_tokens(model, template.replace("{text}", " ".join(words[:mid]) + " ...")) <= limit:
                 lo = mid
             else:
                 hi = mid - 1
         prompt = template.replace("{text}", " ".join(words[:lo]) + " ...")
-        if _n_tokens(model, prompt) > limit:
+        if n_tokens(model, prompt) > limit:
             raise InputError(
                 f"the template alone needs more than max_length={limit} tokens; raise max_length or shorten it."
             )
@@ -153,8 +153,14 @@ def build_prompts(
     return prompts, shortened
 
 
-def _n_tokens(model: HookedModel, text: str) -> int:
-    return int(model.tokenize(text, max_length=1 << 30).lengths[0])
+def n_tokens(model: HookedModel, text: str) -> int:
+    """Tokens of ``text`` under the model's tokenisation rule (no context limit).
+
+    Example:
+        >>> n_tokens(model, "Hello world")  # doctest: +SKIP
+        2
+    """
+    return len(model.token_ids([text], max_length=1 << 30)[0])
 
 
 def feature_key(
@@ -241,12 +247,7 @@ def extract_features(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     layer_abs = check_layers(layer, model.n_layers)[0]
-    texts = list(task.texts if texts is None else texts)
-    if not texts:
-        raise InputError("no texts to extract features from.")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"text {index} is empty or not a string; remove it.")
+    texts = check_texts(list(task.texts if texts is None else texts))
     label_ids = label_token_ids(model, task.label_words)
     key = feature_key(model, task.name, texts, task.template, label_ids, layer_abs, frame, max_length)
     path = cache_dir() / "features" / f"{_safe(task.name)}-L{layer_abs}-{frame}-{key}.safetensors"
