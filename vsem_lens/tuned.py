@@ -574,12 +574,14 @@ class _Trainer:
         lengths = [len(ids) for ids in self.token_ids]
         plan: list[list[tuple[int, int]]] = []
         order: list[int] = []
+        next_text = 0
         while len(plan) < self.cfg.steps:
             step, need = [], self.cfg.tokens_per_step
             while need > 0:
-                if not order:
-                    order = torch.randperm(len(lengths), generator=gen).tolist()
-                index = order.pop(0)
+                if next_text == len(order):  # a new epoch
+                    order, next_text = torch.randperm(len(lengths), generator=gen).tolist(), 0
+                index = order[next_text]
+                next_text += 1
                 take = min(lengths[index], need)
                 step.append((index, take))
                 need -= take
