@@ -301,6 +301,9 @@ def test_cli_calibrate_and_classify(tiny_model_dir, tmp_path, capsys):
     assert main(["classify", "--head", str(out), "--json", "The cat sat.", "Three apples."]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [set(r["probabilities"]) for r in rows] == [{"animal", "food"}] * 2
+    # --model overrides the recorded model spec (same weights): the same probabilities.
+    assert main(["classify", "--head", str(out), "--model", str(model_dir), "--json", "The cat sat.", "Three apples."]) == 0
+    assert json.loads(capsys.readouterr().out) == rows
     assert main(["classify", "--head", str(tmp_path), "text"]) == 2
     assert main(["calibrate", "--task", str(data), "--baselines", "bogus", "--out", str(out)]) == 2
 

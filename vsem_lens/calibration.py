@@ -71,7 +71,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -771,12 +771,14 @@ class CalibratedModel:
         pool: str = "tokens",
         max_length: int | None = None,
         progress: bool = True,
+        features: Mapping[str, Any] | None = None,
         **head_kwargs: Any,
     ) -> "CalibratedModel":
         """Extract (cached) features of the task's ``train``/``validation`` splits and fit a head.
 
         ``head_kwargs`` go to :class:`NeuralClusteringHead`. Without a ``validation`` split no early
-        stopping is done.
+        stopping is done. ``features`` (by split name) are used instead of extracting them again, e.g.
+        the ones a ``torchrun`` run extracted with ``extract_features(..., distributed=env)``.
 
         Example:
             >>> cm = CalibratedModel.fit(model, load_task("topic"), head="prototype")  # doctest: +SKIP
@@ -787,13 +789,17 @@ class CalibratedModel:
         basis = SemanticBasis.from_model(model)
         bases = basis.for_words(task.label_words)
         head = NeuralClusteringHead(bases, classes=task.label_names, **head_kwargs)
-        train = task.split("train")
-        kw = dict(layer=layer, frame=frame, max_length=max_length, progress=progress)
-        f_train = extract_features(model, train, **kw)
-        args = [f_train.head_input(pool), train.y]
-        if task.has_split("validation"):
-            val = task.split("validation")
-            args += [extract_features(model, val, **kw).head_input(pool), val.y]
+        given = dict(features or {})
+
+        def split_input(name: str) -> list[Any]:
+            split = task.split(name)
+            if name not in given:
+                given[name] = extract_features(
+                    model, split, layer=layer, frame=frame, max_length=max_length, progress=progress
+                )
+            return [given[name].head_input(pool), split.y]
+
+        args = split_input("train") + (split_input("validation") if task.has_split("validation") else [])
         head.metadata.update(_prompt_metadata(model, task, layer, frame, pool, max_length))
         head.fit(*args)
         return cls(model, head, task, layer=layer, frame=frame, pool=pool, max_length=max_length)
@@ -838,7 +844,8 @@ class CalibratedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> "CalibratedModel":
-        """Load a saved classifier; loads the recorded model unless ``model`` is given.
+        """Load a saved classifier; loads the recorded model unless ``model`` is given (a hooked model,
+        or a model spec for :func:`~vsem_lens.models.load_model`, loaded with the recorded BOS rule).
 
         Example:
             >>> cm = CalibratedModel.load("calibration-out/head")  # doctest: +SKIP
@@ -852,8 +859,8 @@ class CalibratedModel:
         missing = [k for k in required if k not in meta]
         if missing:
             raise ArtifactError(f"the head in {path} lacks the prompt metadata {missing}; save it with CalibratedModel.save.")
-        if model is None:
-            spec = meta.get("model", "embedded")
+        if model is None or isinstance(model, (str, os.PathLike)):
+            spec = meta.get("model", "embedded") if model is None else model
             model = load_model(spec, prepend_bos=bool(meta.get("prepend_bos", False)))
         if meta.get("fingerprint") and meta["fingerprint"] != model.fingerprint:
             raise ArtifactError(

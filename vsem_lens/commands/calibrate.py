@@ -96,8 +96,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from ..baselines import parse_baselines, results_table, run_baselines
-    from ..basis import SemanticBasis
-    from ..calibration import CalibratedModel, NeuralClusteringHead, classification_metrics
+    from ..calibration import CalibratedModel, classification_metrics
     from ..distributed import destroy
     from ..features import extract_features
 
@@ -124,10 +123,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         destroy(env)
     if not env.is_main:  # the ranks shared the forward passes; the head and baselines run on rank 0
         return 0
-    bases = SemanticBasis.from_model(model).for_words(task.label_words)
-    head = NeuralClusteringHead(
-        bases,
-        classes=task.label_names,
+    started = time.perf_counter()
+    calibrated = CalibratedModel.fit(
+        model, task, layer=args.layer, frame=args.frame, pool=args.pool, features=feats,
         head=args.head,
         channel_attention=not args.no_channel_attention,
         epochs=epochs,
@@ -139,15 +137,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         istar_zeta=args.istar_zeta,
         checkpoint_dir=out / "checkpoint",
     )
-    X = {s: f.head_input(args.pool) for s, f in feats.items()}
-    started = time.perf_counter()
-    head.fit(X["train"], splits["train"].y, X["validation"], splits["validation"].y)
     fit_seconds = time.perf_counter() - started
+    head = calibrated.head
     if head.resumed_from_ is not None:
         say(f"resumed the head's training after epoch {head.resumed_from_}")
-    calibrated = CalibratedModel(model, head, task, layer=args.layer, frame=args.frame, pool=args.pool)
     head_dir = calibrated.save(out / "head")
-    pred = head.predict(X["test"])
+    pred = head.predict(feats["test"].head_input(args.pool))
     metrics = classification_metrics(splits["test"].y, pred, task.n_classes)
     feature_seconds = sum(f.seconds for f in feats.values())
     method = f"head:{args.head}" + ("-noCA" if args.no_channel_attention and args.head == "clustering" else "")
@@ -198,7 +193,6 @@ def run_classify(args: argparse.Namespace) -> int:
     """Classify texts with a saved head."""
     from ..calibration import CalibratedModel
     from ..errors import ArtifactError
-    from ..models import load_model
 
     head_dir = Path(args.head)
     if not (head_dir / "config.json").is_file() and (head_dir / "head" / "config.json").is_file():
@@ -212,13 +206,7 @@ def run_classify(args: argparse.Namespace) -> int:
         texts += load_corpus(args.file)
     if not texts:
         raise InputError("no texts to classify; pass TEXT arguments or --file.")
-    model = None
-    if args.model:
-        from ..calibration import NeuralClusteringHead
-
-        meta = NeuralClusteringHead.load(head_dir).metadata
-        model = load_model(args.model, prepend_bos=bool(meta.get("prepend_bos", False)))
-    calibrated = CalibratedModel.load(head_dir, model=model)
+    calibrated = CalibratedModel.load(head_dir, model=args.model or None)  # --model overrides the recorded one
     probs = calibrated.predict_proba(texts)
     labels = [calibrated.head.classes[i] for i in probs.argmax(dim=1).tolist()]
     if args.json:
