@@ -545,9 +545,10 @@ class IsotropyState:
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 2:
             raise InputError(f"d_model must be an integer >= 2, got {d_model!r}.")
         # Order keys by (site, frame, layer) so every (site, frame) group is a contiguous slice.
-        order = {s: i for i, s in enumerate(("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"))}
+        from .capture import SITES
+
         self.keys: list[tuple[str, int, str]] = sorted(
-            keys, key=lambda k: (order.get(k[0], 99), ISOTROPY_FRAMES.index(k[2]), k[1])
+            keys, key=lambda k: (SITES.index(k[0]), ISOTROPY_FRAMES.index(k[2]), k[1])
         )
         self.d_model = d_model
         self.final_norm = final_norm
