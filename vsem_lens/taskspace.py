@@ -371,7 +371,7 @@ def gradient_similarity(
         block_thr = torch.tensor([_kth_largest_abs(block_vec[n], k_block) for n in names])
         for start in range(0, n_block, chunk):
             G = torch.stack([block_vec[n][start : start + chunk].float() for n in names])  # [P, c]
-            dots[block] += (G.double() @ G.double().T) if G.shape[1] < 4096 else (G @ G.T).double()
+            dots[block] += (G @ G.T).double()  # float32 products of bfloat16 gradients, float64 sums
             A = G.abs()
             for scope, thr in ((block, block_thr), ("overall", overall_thr)):
                 M = ((A >= thr.unsqueeze(1)) & (A > 0)).float()
