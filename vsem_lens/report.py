@@ -103,7 +103,6 @@ COHERENCE_SAMPLE = 2048
 REPORT_FORMAT = 1
 GENERATOR = "vsem-lens report"
 LN2 = math.log(2.0)
-READOUT_LABELS = {"lens": "logit lens", "affinity": "vocabulary affinity", "tuned_lens": "tuned lens"}
 
 BOS_DESCRIPTION = (
     "Token ids are exactly what the model's HF tokenizer produces (its default special tokens); "
@@ -768,6 +767,7 @@ def build_report(
     from .distributed import all_gather_objects, all_reduce_sum, resolve_env, shard_indices
     from .isotropy import IsotropyState
     from .report_plots import (
+        READOUT_STYLE,
         plot_affinity_map,
         plot_isotropy_overview,
         plot_prediction_formation,
@@ -823,7 +823,7 @@ def build_report(
     dec = DecompositionAccumulator(model.n_layers, layer_list)
     # One capture per batch serves all three: residuals for isotropy and readouts, block outputs for
     # the decomposition.
-    capture_layers = sorted(set(agg.capture_layers) | set(range(max(layer_list) + 1)))
+    capture_layers = sorted(set(agg.capture_layers) | set(dec.capture_layers))
     lens_per_text = torch.zeros(len(plan.rows), dtype=torch.float64)
     my_batches = shard_indices(len(plan.batches), env)
     checkpoint = None
@@ -1008,7 +1008,7 @@ def build_report(
             "coherence_sample": int(coherence.meta.get("sample", 0)),
             "quantile_capacity": QUANTILE_CAPACITY,
             "isotropy": {k: iso_df.attrs.get(k) for k in ("zeta", "star_reference", "k_outliers")},
-            "readouts": {name: READOUT_LABELS.get(name, name) for name in agg.names},
+            "readouts": {name: READOUT_STYLE[name][0] if name in READOUT_STYLE else name for name in agg.names},
         },
         "bos_rule": {"prepend_bos": model.prepend_bos, "description": BOS_DESCRIPTION},
         "versions": versions(),

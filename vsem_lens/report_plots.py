@@ -20,18 +20,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .plots import ISOTROPY_MEASURES
+
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 READOUT_STYLE = {
     "lens": ("logit lens", "#6a3d9a"),
     "affinity": ("vocabulary affinity", "#1b9e77"),
     "tuned_lens": ("tuned lens", "#d95f02"),
 }
-MEASURE_STYLE = {
-    "isoscore": ("IsoScore", "#1f77b4"),
-    "isoscore_star": ("IsoScore*", "#17becf"),
-    "average_cosine": ("average cosine", "#d62728"),
-    "outlier_variance_share": ("variance share of top-k dims", "#7f7f7f"),
-}
+MEASURE_COLORS = {"isoscore": "#1f77b4", "isoscore_star": "#17becf", "average_cosine": "#d62728",
+                  "outlier_variance_share": "#7f7f7f"}
+MEASURE_STYLE = {measure: (ISOTROPY_MEASURES[measure], color) for measure, color in MEASURE_COLORS.items()}
 
 
 def display_token(token: str, max_chars: int | None = None) -> str:
