@@ -548,8 +548,9 @@ def run_baselines(
 ) -> list[BaselineResult]:
     """Run several baselines on a task with ``train``/``validation``/``test`` splits.
 
-    The zero-shot and affinity baselines always read the last layer in the ``final_norm`` frame;
-    kNN and the probe use the features of ``layer``/``frame`` (the head's input).
+    The zero-shot baseline reads the model's own label logits (the same for any ``layer``/``frame``),
+    the affinity baseline the last layer in the ``final_norm`` frame; kNN and the probe use the
+    features of ``layer``/``frame`` (the head's input).
 
     Example:
         >>> rows = run_baselines(model, load_task("topic"), "zero-shot,affinity,knn,probe")  # doctest: +SKIP
@@ -573,7 +574,8 @@ def run_baselines(
     y = {s: t.y for s, t in splits.items()}
     for name in names:
         if name == "zero-shot":
-            results.append(zero_shot_matmul(get("test", -1, "final_norm"), y["test"], task.n_classes))
+            # The label logits do not depend on the features' layer/frame: reuse the head's features.
+            results.append(zero_shot_matmul(get("test", layer, frame), y["test"], task.n_classes))
         elif name == "affinity":
             bases = SemanticBasis.from_model(model).for_words(task.label_words)
             results.append(zero_shot_affinity(get("test", -1, "final_norm"), bases, y["test"]))
