@@ -7,6 +7,7 @@ both sides of a ratio together.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -68,6 +69,34 @@ def corpus_texts(n: int | None = None) -> list[str]:
     else:
         texts = [f"Sentence number {i} talks about rivers, mountains, code and people." for i in range(512)]
     return texts if n is None else (texts * (n // len(texts) + 1))[:n]
+
+
+def run_cli(cli_args: list[str], *, ranks: int = 1) -> float:
+    """Run ``vsem-lens <cli_args>`` in a fresh process (``ranks > 1``: ``torchrun ... --distributed``);
+    return its wall time in seconds, raise with its stderr when it fails."""
+    import subprocess
+    import sys
+
+    cli = ["-m", "vsem_lens.cli", *cli_args]
+    if ranks > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   *cli, "--distributed"]
+    else:
+        command = [sys.executable, *cli]
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def token_batch(tokenizer, n_texts: int, n_tok: int):
+    """[n_texts, n_tok] token ids of the corpus text concatenated: every row exactly n_tok real tokens."""
+    import torch
+
+    ids = tokenizer(" ".join(corpus_texts(400)))["input_ids"]
+    return torch.tensor(ids[: n_texts * n_tok]).reshape(n_texts, n_tok)
 
 
 def repeat_to_tokens(texts: list[str], lengths: list[int], n_tokens: int) -> list[str]:

@@ -26,13 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from _measure import corpus_texts, interleaved_medians  # noqa: E402
-
-
-def token_batch(model, n_texts: int, n_tok: int) -> torch.Tensor:
-    """n_texts rows of exactly n_tok real tokens (corpus text concatenated), no padding."""
-    ids = model.tokenizer(" ".join(corpus_texts(400)))["input_ids"]
-    return torch.tensor(ids[: n_texts * n_tok]).reshape(n_texts, n_tok)
+from _measure import interleaved_medians, token_batch  # noqa: E402
 
 
 def load():
@@ -47,7 +41,7 @@ def load():
 def bench_capture(vl, model, hf, repeats):
     from vsem_lens.models import Tokens
 
-    ids = token_batch(model, 8, 128)
+    ids = token_batch(model.tokenizer, 8, 128)
     mask = torch.ones_like(ids)
     texts_tokens = Tokens(ids, mask)
 
@@ -99,13 +93,13 @@ READOUT_WORKER = r"""
 import json, os, sys, time, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, {bench_dir!r})
-from _measure import PeakRSS, corpus_texts
+from _measure import PeakRSS, token_batch
 import vsem_lens as vl
 from vsem_lens.capture import ActivationBatch
 mode = {mode!r}
 model = vl.load_model("embedded")
 basis = vl.SemanticBasis.from_model(model)
-ids = torch.tensor(model.tokenizer(" ".join(corpus_texts(400)))["input_ids"][: 4 * 128]).reshape(4, 128)
+ids = token_batch(model.tokenizer, 4, 128)
 mask = torch.ones_like(ids)
 # Capture once outside the timed region: the readouts are timed on the same residuals for every mode.
 from vsem_lens.models import Tokens

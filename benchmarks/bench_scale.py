@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _measure import repeat_to_tokens  # noqa: E402
+from _measure import repeat_to_tokens, run_cli  # noqa: E402
 
 
 def make_small_model(path: Path) -> Path:
@@ -80,19 +78,8 @@ def write_corpus(path: Path, n_tokens: int, model: str) -> int:
 
 
 def run_report(corpus: Path, n_tokens: int, out: Path, *, model: str, ranks: int = 1, batch_size: int = 8) -> dict:
-    cli = ["-m", "vsem_lens.cli", "report", "--model", model, "--corpus", str(corpus), "--max-tokens", str(n_tokens),
-           "--batch-size", str(batch_size), "--out", str(out), "--quiet"]
-    if ranks > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                   *cli, "--distributed"]
-    else:
-        command = [sys.executable, *cli]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    wall = run_cli(["report", "--model", model, "--corpus", str(corpus), "--max-tokens", str(n_tokens),
+                    "--batch-size", str(batch_size), "--out", str(out), "--quiet"], ranks=ranks)
     summary = json.loads((out / "summary.json").read_text())
     per_rank = summary["ranks"]["per_rank"]
     return {

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from _measure import PeakRSS, corpus_texts, interleaved_medians  # noqa: E402
+from _measure import PeakRSS, corpus_texts, interleaved_medians, token_batch  # noqa: E402
 
 
 def step_seconds(vl, model, texts, tokens, steps, dtype):
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"model {model.name}: {model.n_layers} layers, d_model {model.d_model}, d_vocab {model.d_vocab}; "
           f"torch threads {torch.get_num_threads()}; loaded in {time.perf_counter() - started:.1f} s")
     texts = corpus_texts(400)
-    ids = torch.tensor(model.tokenizer(" ".join(texts))["input_ids"][: args.tokens]).reshape(1, args.tokens)
+    ids = token_batch(model.tokenizer, 1, args.tokens)
     T = args.tokens
 
     floors = interleaved_medians(

@@ -17,28 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _measure import run_cli  # noqa: E402
 
 
 def train(out: Path, *, ranks: int, steps: int, tokens: int, bf16: bool) -> dict:
-    cli = ["-m", "vsem_lens.cli", "lens", "train", "--steps", str(steps), "--tokens-per-step", str(tokens),
-           "--checkpoint-every", str(steps), "--no-cache", "--out", str(out), "--quiet"] + (["--bf16"] if bf16 else [])
-    if ranks > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                   *cli, "--distributed"]
-    else:
-        command = [sys.executable, *cli]
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    wall = run_cli(["lens", "train", "--steps", str(steps), "--tokens-per-step", str(tokens), "--checkpoint-every",
+                    str(steps), "--no-cache", "--out", str(out), "--quiet"] + (["--bf16"] if bf16 else []), ranks=ranks)
     summary = json.loads((out / "config.json").read_text())["summary"]
     return {"ranks": ranks, "wall_s": round(wall, 1), "train_s": summary["train_seconds"]}
 
