@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -99,6 +99,28 @@ READOUT_BUFFER_ELEMENTS = 2**25
 READOUT_MAX_ROWS = 512
 #: Rows per post-processing sub-chunk (log-softmax, KL, rank): small enough to stay in the CPU caches.
 SUB_ROWS = 32
+
+
+def final_distribution(
+    h_last: Float[Tensor, "token d_model"], final_norm: Any, W_U: Float[Tensor, "d_model d_vocab"],
+    b_U: Float[Tensor, " d_vocab"] | None = None,
+) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"]]:
+    """The model's next-token distribution from last-layer residuals, in ``W_U``'s dtype.
+
+    Returns ``p`` [token, vocab], ``sum_v p log p`` [token] (the negative entropy, nats) and the
+    top-1 ids: the targets of every KL readout and of tuned-lens training.
+
+    Example:
+        >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.W_U)  # doctest: +SKIP
+    """
+    logits = final_norm(h_last).to(W_U.dtype) @ W_U
+    if b_U is not None:
+        logits += b_U
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits
+    p = logp.exp()
+    neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1)
+    return p, neg_entropy, logp.argmax(dim=-1)
 
 
 class ReadoutKernel:
@@ -195,15 +217,7 @@ class ReadoutKernel:
         t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
         if t > self.tokens_per_chunk:
             raise InputError(f"at most {self.tokens_per_chunk} tokens per call, got {t}.")
-        final_logits = self.final_norm(x[last]).to(self.dtype) @ self.W_U
-        if self.b_U is not None:
-            final_logits += self.b_U
-        final_logp = torch.log_softmax(final_logits, dim=-1)
-        del final_logits
-        final_p = final_logp.exp()
-        neg_entropy = torch.bmm(final_p.unsqueeze(1), final_logp.unsqueeze(2)).reshape(t)
-        final_ids = final_logp.argmax(dim=-1)
-        del final_logp
+        final_p, neg_entropy, final_ids = final_distribution(x[last], self.final_norm, self.W_U, self.b_U)
         finals = {"final_ids": final_ids, "final_entropy_bits": -neg_entropy / LN2}
         scores_buffer, small = self._buffers()
         scores = scores_buffer[: t * n_layers]

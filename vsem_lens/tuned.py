@@ -73,6 +73,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .affinity import final_distribution
 from .capture import iter_capture
 from .distributed import SINGLE, DistEnv, all_reduce_sum, resolve_env
 from ._io import atomic_write
@@ -626,13 +627,7 @@ class _Trainer:
             stop = start + cfg.token_chunk
             with torch.no_grad():
                 # Targets: the final distribution, from the last layer's residual (exact float32).
-                final_logits = model.final_norm(resid[-1, start:stop]).float() @ self.W_f32
-                if self.b_U is not None:
-                    final_logits += self.b_U
-                p = torch.log_softmax(final_logits, dim=-1)
-                del final_logits
-                neg_entropy = _rowdot(p.exp(), p)
-                p.exp_()
+                p, neg_entropy, _ = final_distribution(resid[-1, start:stop].float(), model.final_norm, self.W_f32, self.b_U)
             sync = start == starts[-1] or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.enable_grad():
