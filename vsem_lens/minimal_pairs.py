@@ -237,6 +237,11 @@ def _predicate(rng: random.Random, plural: bool) -> tuple[str, str, str]:
     return good, bad, rng.choice(PRESENT_ADVERBS)
 
 
+def _with_ending(prefix: list[str], good: str, bad: str, ending: str) -> Draw:
+    """The pair ``prefix + good + ending`` / ``prefix + bad + ending`` (a full stop added), split into words."""
+    return prefix + f"{good}{ending}.".split(), prefix + f"{bad}{ending}.".split(), len(prefix)
+
+
 def _sv_relative(rng: random.Random) -> Draw:
     plural = rng.random() < 0.5
     head = _np(rng, plural)
@@ -247,7 +252,7 @@ def _sv_relative(rng: random.Random) -> Draw:
     verb = rng.choice(SOCIAL_VERBS)
     good, bad, rest = _predicate(rng, plural)
     prefix = f"The {head} that {inner} {verb}".split()
-    return prefix + f"{good}{rest}.".split(), prefix + f"{bad}{rest}.".split(), len(prefix)
+    return _with_ending(prefix, good, bad, rest)
 
 
 def _sv_prepositional(rng: random.Random) -> Draw:
@@ -257,7 +262,7 @@ def _sv_prepositional(rng: random.Random) -> Draw:
     prep = rng.choice(PREPOSITIONS)
     good, bad, rest = _predicate(rng, plural)
     prefix = f"The {head} {prep} the {attractor}".split()
-    return prefix + f"{good}{rest}.".split(), prefix + f"{bad}{rest}.".split(), len(prefix)
+    return _with_ending(prefix, good, bad, rest)
 
 
 def _det_noun(rng: random.Random) -> Draw:
@@ -285,7 +290,7 @@ def _anaphor(rng: random.Random) -> Draw:
     bad = rng.choice(bads)
     suffix = rng.choice(REFLEXIVE_SUFFIXES)
     prefix = f"{subject} {rng.choice(REFLEXIVE_VERBS)}".split()
-    return prefix + f"{good}{suffix}.".split(), prefix + f"{bad}{suffix}.".split(), len(prefix)
+    return _with_ending(prefix, good, bad, suffix)
 
 
 def _npi(rng: random.Random) -> Draw:
