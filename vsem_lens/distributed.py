@@ -27,6 +27,7 @@ Example (two CPU processes)::
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
@@ -341,9 +342,14 @@ def reduce_moments(moments: Any, env: DistEnv) -> Any:
 
 
 def destroy(env: DistEnv) -> None:
-    """Leave the process group (call at the very end of a torchrun worker)."""
+    """Leave the process group (call at the very end of a torchrun worker).
+
+    Objects in reference cycles that hold the group (a ``DistributedDataParallel`` wrapper) are
+    collected first: freed during interpreter exit instead, they make gloo abort the process.
+    """
     if env.active:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
