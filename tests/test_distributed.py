@@ -55,7 +55,8 @@ def reference(dir_model):
 
 
 def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    # faulthandler: a rank that aborts (SIGABRT from C++) prints every thread's Python stack.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
@@ -169,7 +170,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_model_dir, reference, tmp_pat
         "--quiet", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
     ]
     proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-12000:]  # room for a faulthandler dump
     summary = json.loads((out / "summary.json").read_text())
     ranks = summary["ranks"]
     assert ranks["world_size"] == 2 and ranks["backend"] == "gloo"
@@ -327,7 +328,7 @@ def test_torchrun_feature_extraction_equals_one_process(tiny_model_dir, dir_mode
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     env = dict(_subprocess_env(), VSEM_LENS_CACHE=str(tmp_path / "cache-two"))
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-12000:]  # room for a faulthandler dump
     assert proc.stdout.split() == [str(tmp_path / "two")]  # only rank 0 printed (and wrote)
     got = torch.load(out, weights_only=True)
     single = vl.extract_features(dir_model, tiny_task(), batch_size=3, cache=False, progress=False)
@@ -354,7 +355,8 @@ LENS_FIT = dict(steps=6, tokens_per_step=32, seed=2, progress=False)
 LENS_FIT_ONE_ROW = dict(steps=3, tokens_per_step=5, seed=2, progress=False)
 
 LENS_WORKER = """
-import sys, torch
+import gc, sys, torch
+gc.disable()  # DDP sits in a reference cycle: fit must free it itself, not leave it to a collector run at exit
 sys.path.insert(0, {tests!r})
 from vsem_lens.cli import main
 import vsem_lens as vl
@@ -370,6 +372,8 @@ lenses = {{
                              callback=lambda step, info: steps.append(step), **{fit!r}),
 }}
 assert steps == ([3, 4, 5, 6] if env.rank == 0 else []), steps
+from torch.nn.parallel import DistributedDataParallel
+assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()), "a DDP wrapper outlived fit"
 if env.rank == 1:  # every rank returns the whole lens; rank 1 proves it
     torch.save({{k: {{"weight": v.weight, "bias": v.bias, "kl": torch.tensor(v.history_.kl_bits.to_numpy())}}
                 for k, v in lenses.items()}}, {out!r})
@@ -403,7 +407,7 @@ def test_torchrun_tuned_lens_equals_one_process(tiny_model_dir, dir_model, tmp_p
     ))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-12000:]  # room for a faulthandler dump
     assert proc.stdout.split() == [str(cli_out)]  # only rank 0 printed (and wrote)
 
     got = torch.load(out, weights_only=True)
