@@ -242,27 +242,34 @@ def _with_ending(prefix: list[str], good: str, bad: str, ending: str) -> Draw:
     return prefix + f"{good}{ending}.".split(), prefix + f"{bad}{ending}.".split(), len(prefix)
 
 
-def _sv_relative(rng: random.Random) -> Draw:
+def _sv_agreement(rng: random.Random, modifier: Callable[[random.Random, bool], str]) -> Draw:
+    """``The <head> <modifier> <predicate>.``: the verb agrees with the head across the modifier."""
     plural = rng.random() < 0.5
     head = _np(rng, plural)
+    middle = modifier(rng, plural)
+    good, bad, rest = _predicate(rng, plural)
+    return _with_ending(f"The {head} {middle}".split(), good, bad, rest)
+
+
+def _relative_clause(rng: random.Random, plural: bool) -> str:
     if rng.random() < 0.7:  # attractor noun of the opposite number
         inner = "the " + _np(rng, not plural)
     else:
         inner = rng.choice(NAMES)
-    verb = rng.choice(SOCIAL_VERBS)
-    good, bad, rest = _predicate(rng, plural)
-    prefix = f"The {head} that {inner} {verb}".split()
-    return _with_ending(prefix, good, bad, rest)
+    return f"that {inner} {rng.choice(SOCIAL_VERBS)}"
+
+
+def _prepositional_phrase(rng: random.Random, plural: bool) -> str:
+    attractor = _np(rng, not plural, AGENTS if rng.random() < 0.6 else THINGS)
+    return f"{rng.choice(PREPOSITIONS)} the {attractor}"
+
+
+def _sv_relative(rng: random.Random) -> Draw:
+    return _sv_agreement(rng, _relative_clause)
 
 
 def _sv_prepositional(rng: random.Random) -> Draw:
-    plural = rng.random() < 0.5
-    head = _np(rng, plural)
-    attractor = _np(rng, not plural, AGENTS if rng.random() < 0.6 else THINGS)
-    prep = rng.choice(PREPOSITIONS)
-    good, bad, rest = _predicate(rng, plural)
-    prefix = f"The {head} {prep} the {attractor}".split()
-    return _with_ending(prefix, good, bad, rest)
+    return _sv_agreement(rng, _prepositional_phrase)
 
 
 def _det_noun(rng: random.Random) -> Draw:
