@@ -103,12 +103,13 @@ SUB_ROWS = 32
 
 def final_distribution(
     h_last: Float[Tensor, "token d_model"], final_norm: Any, W_U: Float[Tensor, "d_model d_vocab"],
-    b_U: Float[Tensor, " d_vocab"] | None = None,
-) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"]]:
+    b_U: Float[Tensor, " d_vocab"] | None = None, *, top1: bool = True,
+) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"] | None]:
     """The model's next-token distribution from last-layer residuals, in ``W_U``'s dtype.
 
     Returns ``p`` [token, vocab], ``sum_v p log p`` [token] (the negative entropy, nats) and the
-    top-1 ids: the targets of every KL readout and of tuned-lens training.
+    top-1 ids (``None`` with ``top1=False``, which saves a full-vocabulary argmax): the targets of
+    every KL readout and of tuned-lens training.
 
     Example:
         >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.W_U)  # doctest: +SKIP
@@ -120,7 +121,7 @@ def final_distribution(
     del logits
     p = logp.exp()
     neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1)
-    return p, neg_entropy, logp.argmax(dim=-1)
+    return p, neg_entropy, logp.argmax(dim=-1) if top1 else None
 
 
 class ReadoutKernel:
