@@ -356,7 +356,7 @@ LENS_FIT_ONE_ROW = dict(steps=3, tokens_per_step=5, seed=2, progress=False)
 
 LENS_WORKER = """
 import gc, sys, torch
-gc.disable()  # a DDP wrapper can sit in a reference cycle: fit must free it, not a collector run at exit
+gc.disable()  # a DDP wrapper left in a reference cycle would live until exit: fit must free it by refcount
 sys.path.insert(0, {tests!r})
 from vsem_lens.cli import main
 import vsem_lens as vl

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import json
 import math
@@ -628,7 +627,9 @@ class _Trainer:
             stop = start + cfg.token_chunk
             with torch.no_grad():
                 # Targets: the final distribution, from the last layer's residual (exact float32).
-                p, neg_entropy, _ = final_distribution(resid[-1, start:stop].float(), model.final_norm, self.W_f32, self.b_U)
+                p, neg_entropy, _ = final_distribution(
+                    resid[-1, start:stop].float(), model.final_norm, self.W_f32, self.b_U, top1=False
+                )
             sync = start == starts[-1] or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.enable_grad():
@@ -755,20 +756,7 @@ class _Trainer:
                                     "tokens": done * cfg.tokens_per_step, "seconds": self.seconds})
         finally:
             bar.close()
-            self._release_ddp()
         return self._lens()
-
-    def _release_ddp(self) -> None:
-        """Free the DDP wrapper now, while the process group is alive.
-
-        A DDP wrapper can sit in a reference cycle (with torch 2.13, one that never ran forward does),
-        and then lives until the cyclic collector runs. If that is at interpreter exit, after
-        ``destroy_process_group``, gloo aborts the process ("terminate called without an active
-        exception": 6 of 30 two-rank runs of such a script here, 0 of 30 with a collection first).
-        """
-        if self.ddp is not None:
-            self.ddp = None
-            gc.collect()
 
     def _lens(self) -> TunedLens:
         weight = self.translators.weight.detach().clone()
