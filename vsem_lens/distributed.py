@@ -2,8 +2,9 @@
 
 Nothing here schedules work: ``torchrun`` starts one process per rank, :func:`init_distributed`
 joins them into a process group (``gloo`` on CPU, ``nccl`` on CUDA), :func:`shard` gives each rank
-its share of a list deterministically, and the ``reduce_*`` / ``gather_*`` helpers combine the
-mergeable streaming states of the ranks with collective operations.
+its share of a list deterministically, and the ``all_reduce_*`` / ``all_gather_objects`` helpers
+combine the mergeable streaming states of the ranks (each state's ``all_reduce(env)``) with
+collective operations.
 
 How states are combined (exactly, with no raw second moments):
 
@@ -204,21 +205,18 @@ def shard(items: Sequence[T], env: DistEnv) -> list[T]:
     return list(items[env.rank :: env.world_size])
 
 
-def shard_indices(n: int, env: DistEnv) -> list[int]:
-    """Indices ``0..n-1`` owned by this rank (see :func:`shard`).
-
-    Example:
-        >>> shard_indices(5, DistEnv(0, 2))
-        [0, 2, 4]
-    """
-    return list(range(env.rank, n, env.world_size))
-
-
 # ---------------------------------------------------------------------------------- collectives
 
 
-def _to_coll(t: Tensor, env: DistEnv) -> Tensor:
-    return t.detach().to(env.device).contiguous()
+def _all_reduce(t: Tensor, env: DistEnv, op: str) -> Tensor:
+    """``all_reduce`` with ``ReduceOp.<op>`` into a copy on the collective device, returned on ``t``'s."""
+    if not env.active:
+        return t
+    import torch.distributed as dist
+
+    buf = t.detach().to(env.device).clone().contiguous()
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
+    return buf.to(t.device)
 
 
 def all_reduce_sum(t: Tensor, env: DistEnv) -> Tensor:
@@ -228,13 +226,7 @@ def all_reduce_sum(t: Tensor, env: DistEnv) -> Tensor:
         >>> all_reduce_sum(torch.ones(2), SINGLE).tolist()
         [1.0, 1.0]
     """
-    if not env.active:
-        return t
-    import torch.distributed as dist
-
-    buf = _to_coll(t, env).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
+    return _all_reduce(t, env, "SUM")
 
 
 def all_reduce_max(t: Tensor, env: DistEnv) -> Tensor:
@@ -244,13 +236,7 @@ def all_reduce_max(t: Tensor, env: DistEnv) -> Tensor:
         >>> all_reduce_max(torch.tensor([3.0]), SINGLE).item()
         3.0
     """
-    if not env.active:
-        return t
-    import torch.distributed as dist
-
-    buf = _to_coll(t, env).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.to(t.device)
+    return _all_reduce(t, env, "MAX")
 
 
 def all_reduce_moments(
@@ -272,9 +258,11 @@ def all_reduce_moments(
     n_r = count.to(torch.float64)
     mean64 = mean.to(torch.float64)
     expand = n_r.reshape(*n_r.shape, *([1] * (mean64.ndim - n_r.ndim)))
-    n = all_reduce_sum(n_r, env)
+    # n and n*mu travel in one buffer: two collectives in all, the second for the re-centred scatter.
+    packed = all_reduce_sum(torch.cat([n_r.reshape(-1), (mean64 * expand).reshape(-1)]), env)
+    n = packed[: n_r.numel()].reshape(n_r.shape)
     n_exp = n.reshape(expand.shape).clamp_min(1.0)
-    mu = all_reduce_sum(mean64 * expand, env) / n_exp
+    mu = packed[n_r.numel():].reshape(mean64.shape) / n_exp
     delta = mean64 - mu
     if outer:
         shift = (delta.unsqueeze(-1) * delta.unsqueeze(-2)) * expand.unsqueeze(-1)
@@ -306,39 +294,6 @@ def barrier(env: DistEnv) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def reduce_isotropy(state: Any, env: DistEnv) -> Any:
-    """Combine an :class:`~vsem_lens.isotropy.IsotropyState` over ranks in place (every rank gets it).
-
-    Example:
-        >>> reduce_isotropy(state, env).count          # doctest: +SKIP
-    """
-    if not env.active:
-        return state
-    count, mean, m2 = all_reduce_moments(state.count, state.mean, state.m2, env, outer=True)
-    state.count = count.to(torch.int64)
-    state.mean, state.m2 = mean, m2
-    state.cos_total = all_reduce_sum(state.cos_total.to(torch.float64), env)
-    return state
-
-
-def reduce_moments(moments: Any, env: DistEnv) -> Any:
-    """Combine a :class:`~vsem_lens.stats.Moments` over ranks in place.
-
-    Example:
-        >>> from vsem_lens.stats import Moments
-        >>> reduce_moments(Moments(2).update(torch.ones(3, 2)), SINGLE).count
-        3
-    """
-    if not env.active:
-        return moments
-    count, mean, m2 = all_reduce_moments(
-        torch.tensor(float(moments.count)), moments.mean, moments.m2, env, outer=True
-    )
-    moments.count = int(round(float(count)))
-    moments.mean, moments.m2 = mean.to(moments.mean.dtype), m2.to(moments.m2.dtype)
-    return moments
 
 
 def destroy(env: DistEnv) -> None:

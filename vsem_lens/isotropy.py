@@ -733,6 +733,14 @@ class IsotropyState:
         self.count += other.count
         return self
 
+    def all_reduce(self, env: Any) -> None:
+        """Combine the states of every ``torch.distributed`` rank in place (exact Chan update)."""
+        from .distributed import all_reduce_moments, all_reduce_sum
+
+        count, self.mean, self.m2 = all_reduce_moments(self.count, self.mean, self.m2, env, outer=True)
+        self.count = count.to(torch.int64)
+        self.cos_total = all_reduce_sum(self.cos_total.to(torch.float64), env)
+
     def copy(self) -> "IsotropyState":
         """An independent copy (sharing the final-norm function).
 

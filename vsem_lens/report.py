@@ -764,7 +764,7 @@ def build_report(
     """
     from . import plots
     from .disentangle import DECOMPOSITION_SITES, DecompositionAccumulator, basis_coherence
-    from .distributed import all_gather_objects, all_reduce_sum, resolve_env, shard_indices
+    from .distributed import all_gather_objects, all_reduce_sum, resolve_env, shard
     from .isotropy import IsotropyState
     from .report_plots import (
         READOUT_STYLE,
@@ -825,7 +825,7 @@ def build_report(
     # the decomposition.
     capture_layers = sorted(set(agg.capture_layers) | set(dec.capture_layers))
     lens_per_text = torch.zeros(len(plan.rows), dtype=torch.float64)
-    my_batches = shard_indices(len(plan.batches), env)
+    my_batches = shard(range(len(plan.batches)), env)
     checkpoint = None
     start_at = 0
     if checkpoint_dir is not None:
@@ -916,9 +916,7 @@ def build_report(
                  "pass_seconds": round(pass_seconds, 3), "peak_rss_mib": peak_rss_mib()}
     if env.active:
         with _stage(timings, "reduce over ranks"):
-            from .distributed import reduce_isotropy
-
-            reduce_isotropy(iso, env)
+            iso.all_reduce(env)
             agg.all_reduce(env)
             dec.all_reduce(env)
             lens_per_text = all_reduce_sum(lens_per_text, env)
