@@ -378,9 +378,16 @@ class LensAggregator:
         self.n_tokens += n_full
 
     def _fold(self, x: Tensor, rows: list[int], last: int, chunk_keep: Tensor) -> None:
+        """Read one chunk of tokens (:class:`~vsem_lens.affinity.ReadoutKernel`) into the running
+        statistics; ``final_cos`` is the final top-1's cosine (affinity readouts; NaN for the lens)."""
+        chunk_finals, results = self.kernel(x, rows, last, k=0)
+        self.final_entropy.update(chunk_finals["final_entropy_bits"].unsqueeze(0).cpu(), 0)
         n_keep = int(chunk_keep.sum())
         kept: dict[str, list[Tensor]] = {stat: [] for stat in self._kept}
-        for r, (_, values) in enumerate(self._readout_chunk(x, rows, last, k=0)):
+        for r, (name, values) in enumerate(results.items()):
+            target = values["target_score"]
+            is_affinity = self.readouts[name][0] == "affinity"
+            values["final_cos"] = target if is_affinity else torch.full_like(target, float("nan"))
             for stat in self.STATS:
                 self.running[stat].update(values[stat].cpu().T, r)  # [layer, token] into streams r
             self.agree[r] += (values["rank"] == 0).sum(0).cpu().to(torch.float64)
@@ -391,26 +398,6 @@ class LensAggregator:
             for stat, parts in kept.items():
                 self._kept[stat].append(torch.stack(parts))  # [readout, token, layer]
             self.n_kept += n_keep
-
-    def _readout_chunk(
-        self, x: Tensor, rows: list[int], last: int, *, k: int, finals: dict[str, list[Tensor]] | None = None
-    ) -> Iterator[tuple[str, dict[str, Tensor]]]:
-        """Readouts of one chunk of tokens (:class:`~vsem_lens.affinity.ReadoutKernel`); yields (name,
-        values) with values [token, layer(, k)], plus ``final_cos`` (the final top-1's cosine, affinity)."""
-        chunk_finals, results = self.kernel(x, rows, last, k=k)
-        entropy_bits = chunk_finals["final_entropy_bits"]
-        self.final_entropy.update(entropy_bits.unsqueeze(0).cpu(), 0)
-        if finals is not None:
-            finals["final_ids"].append(chunk_finals["final_ids"].cpu())
-            finals["final_entropy_bits"].append(entropy_bits.cpu())
-        for name, values in results.items():
-            for key in ("top_ids", "top_scores"):
-                if key in values:
-                    values[key] = values[key].cpu()
-            target = values["target_score"]
-            is_affinity = self.readouts[name][0] == "affinity"
-            values["final_cos"] = target if is_affinity else torch.full_like(target, float("nan"))
-            yield name, values
 
     def kept(self, stat: str) -> Tensor:
         """Values kept for quantiles, [readout, token, layer] (float32)."""
@@ -436,7 +423,7 @@ class LensAggregator:
             "layers": list(self.layers),
             "running": {k: r.state_dict() for k, r in running.items()},
             "agree": self.agree.clone(),
-            "kept": {stat: self.kept(stat).clone() for stat in self._kept},
+            "kept": {stat: self.kept(stat) for stat in self._kept},  # kept() builds a new tensor
             "n_tokens": int(self.n_tokens),
             "n_kept": int(self.n_kept),
             "pending_resid": pending_resid,
