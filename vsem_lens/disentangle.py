@@ -363,11 +363,13 @@ class DecompositionAccumulator:
         index = [batch.layers.index(j) for j in self.capture_layers]
         acts = batch.acts
         attn, mlp = acts["attn_out"], acts["mlp_out"]
-        if index != list(range(len(index))) or len(index) != attn.shape[0]:
+        if index == list(range(len(index))):  # the usual leading block of layers: views, no copy
+            attn, mlp = attn[: len(index)], mlp[: len(index)]
+        else:
             attn, mlp = attn[index], mlp[index]
         resid_rows = torch.tensor([batch.layers.index(layer) for layer in self.targets])
         # Components used by each target layer: embed + attn/mlp of blocks 0..layer.
-        target_index = torch.tensor(self.targets)
+        target_slot = {layer: i for i, layer in enumerate(self.targets)}
         n_comp = self.n_comp
         for start in range(0, batch.n_tokens, self.token_chunk):
             span = slice(start, start + self.token_chunk)
@@ -379,12 +381,14 @@ class DecompositionAccumulator:
             comp_norm = comps.norm(dim=-1)  # [n_comp, T]
             # Residual reconstructed after each block: embed + sum_{j<=l} (attn_j + mlp_j). An in-place
             # running sum (torch.cumsum over the leading axis is several times slower here).
-            reconstructed = torch.empty(len(self.capture_layers), *comps.shape[1:], dtype=torch.float64)
+            # Only the target layers' snapshots are kept.
+            reconstructed = torch.empty(len(self.targets), *comps.shape[1:], dtype=torch.float64)
             running_sum = comps[0].clone()
             for j in range(len(self.capture_layers)):
                 running_sum += comps[2 * j + 1]
                 running_sum += comps[2 * j + 2]
-                reconstructed[j] = running_sum
+                if j in target_slot:
+                    reconstructed[target_slot[j]] = running_sum
             # All target layers at once: every (layer, component) stream gets a value per token; the
             # streams of components after a layer (k >= 2 layer + 3) are computed too but never reported.
             e = acts["resid_post"][resid_rows.to(acts["resid_post"].device), span].to(torch.float64)  # [L, T, d]
@@ -395,7 +399,7 @@ class DecompositionAccumulator:
                     f"a residual at layer {bad} is all zeros, so its decomposition is undefined; check the model."
                 )
             e_norm = e_sq.sqrt()
-            remainder = e - reconstructed[target_index]  # [L, T, d]
+            remainder = e - reconstructed  # [L, T, d]
             rem_norm = remainder.norm(dim=-1)  # [L, T]
             self.max_abs = torch.maximum(self.max_abs, remainder.abs().amax(dim=(1, 2)))
             self.max_rel = torch.maximum(self.max_rel, (rem_norm / e_norm).amax(dim=1))
