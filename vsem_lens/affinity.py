@@ -101,6 +101,21 @@ READOUT_MAX_ROWS = 512
 SUB_ROWS = 32
 
 
+def readout_unembedding(model: Any) -> tuple[torch.dtype, Tensor, Tensor | None]:
+    """``(dtype, W_U, b_U)`` for full-vocabulary readouts of ``model``.
+
+    Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
+    vocabulary in 8-bit-mantissa arithmetic would swamp the statistics. ``b_U`` is ``None`` when it
+    is all zeros, which skips a [rows, vocab] pass.
+
+    Example:
+        >>> dtype, W_U, b_U = readout_unembedding(model)  # doctest: +SKIP
+    """
+    dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
+    b_U = model.b_U.to(dtype)
+    return dtype, model.W_U.to(dtype), b_U if bool((b_U != 0).any()) else None
+
+
 def final_distribution(
     h_last: Float[Tensor, "token d_model"], final_norm: Any, W_U: Float[Tensor, "d_model d_vocab"],
     b_U: Float[Tensor, " d_vocab"] | None = None, *, top1: bool = True,
@@ -169,12 +184,7 @@ class ReadoutKernel:
                 raise InputError("affinity readouts need the unit semantic basis vectors (unit_vectors=...).")
         self.layers = list(layers)
         self.readouts = dict(readouts)
-        # Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
-        # vocabulary in 8-bit-mantissa arithmetic would swamp the statistics.
-        self.dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
-        self.W_U = model.W_U.to(self.dtype)
-        b_U = model.b_U.to(self.dtype)
-        self.b_U = b_U if bool((b_U != 0).any()) else None  # skip a [rows, vocab] pass when there is no bias
+        self.dtype, self.W_U, self.b_U = readout_unembedding(model)
         self.unit_T = (
             unit_vectors.T.to(device=self.W_U.device, dtype=self.dtype) if unit_vectors is not None else None
         )

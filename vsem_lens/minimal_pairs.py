@@ -683,14 +683,15 @@ def layer_sentence_logprobs(
 ) -> Float[Tensor, "layer sentence"]:
     """Sentence log-probabilities read from each layer's residual (``resid_post``) through a lens.
 
-    Per layer the lens logits are ``lens(h_l) @ W_U + b_U`` for ``token_chunk`` tokens at a time; only
-    ``logsumexp`` and the logit of the actual next token are kept, so memory is ``token_chunk x
-    d_vocab`` and no [layers, tokens, vocab] tensor is built.
+    Per layer the lens logits are ``lens(h_l) @ W_U + b_U`` (float32 for half-precision models) for
+    ``token_chunk`` tokens at a time; only ``logsumexp`` and the logit of the actual next token are
+    kept, so memory is ``token_chunk x d_vocab`` and no [layers, tokens, vocab] tensor is built.
 
     Example:
         >>> layer_sentence_logprobs(model, ["The cat sleeps."]).shape  # doctest: +SKIP
         torch.Size([30, 1])
     """
+    from .affinity import readout_unembedding
     from .capture import check_layers, iter_capture
 
     layer_list = check_layers(layers, model.n_layers)
@@ -698,7 +699,7 @@ def layer_sentence_logprobs(
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
         raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
     out = torch.zeros(len(layer_list), len(sentences), dtype=torch.float64)
-    W_U, b_U = model.W_U, model.b_U
+    dtype, W_U, b_U = readout_unembedding(model)
     for span in _batches(len(sentences), batch_size):
         tokens = model.tokenize(list(sentences[span]), prepend_bos=prepend_bos)
         lengths = tokens.lengths
@@ -713,7 +714,9 @@ def layer_sentence_logprobs(
                 for li, layer in enumerate(layer_list):
                     for start in range(0, select.numel(), token_chunk):
                         part = slice(start, start + token_chunk)
-                        logits = (lens_obj(resid[li, part], layer) @ W_U + b_U).float()
+                        logits = lens_obj(resid[li, part], layer).to(dtype) @ W_U
+                        if b_U is not None:
+                            logits += b_U
                         lp = logits.gather(1, targets[part].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, -1)
                         out[li].index_add_(0, doc_s[part] + span.start, lp.double().cpu())
     return out
