@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .calibration import classification_metrics, torch_threads
 from .datasets import TextClassificationTask
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, check_positive_int
 from .features import Features, build_prompts, extract_features, label_token_ids, n_tokens
 from .models import HookedModel
 
@@ -141,8 +141,7 @@ class KNNClassifier:
     """
 
     def __init__(self, k: int = 5, n_classes: int | None = None):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}.")
+        check_positive_int(k, "k")
         self.k, self.n_classes = k, n_classes
 
     def fit(self, X: Float[Tensor, "n d"], y: Int[Tensor, " n"]) -> "KNNClassifier":
@@ -297,8 +296,7 @@ def icl_prefix(
         <BLANKLINE>
         Review: ...
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise InputError(f"shots must be a positive integer, got {shots!r}.")
+    check_positive_int(shots, "shots")
     train = task.split("train")
     rng = random.Random(seed)
     demos: list[tuple[str, str]] = []
@@ -443,8 +441,7 @@ def finetune_baseline(
     except ImportError:  # pragma: no cover - peft is in the calibration extra
         raise ModelLoadError("LoRA/IA3 baselines need the 'peft' package: pip install peft") from None
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_int(value, name)
     lr = float(lr) if lr is not None else (5e-4 if method == "lora" else 5e-3)
     started = time.perf_counter()
     label_ids = torch.tensor(label_token_ids(model, task.label_words), dtype=torch.long)

@@ -81,7 +81,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .errors import ArtifactError, InputError, NumericalError
+from .errors import ArtifactError, InputError, NumericalError, check_positive_int
 
 FORMAT_VERSION = 1
 HEADS = ("clustering", "prototype")
@@ -284,14 +284,14 @@ class NeuralClusteringHead:
             raise InputError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}.")
         self.head = head
         self.channel_attention = bool(channel_attention)
-        self.reduction = _positive_int(reduction, "reduction")
+        self.reduction = check_positive_int(reduction, "reduction")
         self.temperature = _positive_float(temperature, "temperature")
         self.learn_temperature = bool(learn_temperature)
         self.lr = _positive_float(lr, "lr")
         self.weight_decay = _nonnegative_float(weight_decay, "weight_decay")
-        self.epochs = _positive_int(epochs, "epochs")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.patience = None if patience is None else _positive_int(patience, "patience")
+        self.epochs = check_positive_int(epochs, "epochs")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.patience = None if patience is None else check_positive_int(patience, "patience")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InputError(f"seed must be an integer, got {seed!r}.")
         self.seed = seed
@@ -302,7 +302,7 @@ class NeuralClusteringHead:
             raise InputError(f"istar_zeta must be in [0, 1], got {istar_zeta}.")
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.resume = bool(resume)
-        self.num_threads = None if num_threads is None else _positive_int(num_threads, "num_threads")
+        self.num_threads = None if num_threads is None else check_positive_int(num_threads, "num_threads")
         self.metadata = dict(metadata or {})
         self.module_: nn.Module | None = None
         self.log_scale_: Tensor | None = None
@@ -895,12 +895,6 @@ def _prompt_metadata(model, task, layer, frame, pool, max_length) -> dict:
 
 
 # -- argument checks -----------------------------------------------------------------------------
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
 def _finite_float(value: Any, name: str) -> float:
     try:
         out = float(value)

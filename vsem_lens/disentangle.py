@@ -43,7 +43,7 @@ from torch import Tensor
 from .affinity import basis_and_lens, vocab_affinity, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import ActivationBatch, check_layers, iter_capture
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, check_positive_int
 from .lenses import Lens
 from .models import HookedModel
 from .stats import RunningScalars
@@ -339,8 +339,7 @@ class DecompositionAccumulator:
     """
 
     def __init__(self, n_layers: int, layers: int | Sequence[int] | None = None, *, token_chunk: int = 256):
-        if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
-            raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
+        check_positive_int(token_chunk, "token_chunk")
         self.targets = check_layers(layers, n_layers)
         #: Blocks whose outputs the batches must hold.
         self.capture_layers = list(range(max(self.targets) + 1))
@@ -588,8 +587,7 @@ def affinity_sparsity_by_layer(
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.d_vocab:
         raise InputError(f"k must be an integer between 1 and {model.d_vocab}, got {k!r}.")
-    if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
-        raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
+    check_positive_int(token_chunk, "token_chunk")
     layer_list = check_layers(layers, model.n_layers)
     frame_name = frame.frame if isinstance(frame, Lens) else frame
     if basis is not None and not isinstance(basis, SemanticBasis):

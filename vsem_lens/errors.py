@@ -11,6 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 
 class VsemLensError(Exception):
     """Base class of every error vsem-lens raises on purpose.
@@ -79,3 +82,19 @@ class ArtifactError(VsemLensError):
         Traceback (most recent call last):
         ArtifactError: ...
     """
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (Python or NumPy, not ``bool``), else
+    :class:`InputError` naming ``name``.
+
+    Example:
+        >>> check_positive_int(3, "batch_size")
+        3
+        >>> check_positive_int(0, "batch_size")
+        Traceback (most recent call last):
+        vsem_lens.errors.InputError: batch_size must be a positive integer, got 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)

@@ -51,7 +51,7 @@ from .basis import word_token_ids
 from .capture import check_layers, iter_capture
 from .datasets import TextClassificationTask
 from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard
-from .errors import InputError, NumericalError, VocabularyError
+from .errors import InputError, NumericalError, VocabularyError, check_positive_int
 from .models import HookedModel, cache_dir, check_texts
 
 FORMAT_VERSION = 2
@@ -244,8 +244,7 @@ def extract_features(
         raise InputError(f"task must be a TextClassificationTask (see vsem_lens.datasets.load_task), got {type(task).__name__}.")
     if frame not in FEATURE_FRAMES:
         raise InputError(f"unknown feature frame {frame!r}; choose one of {', '.join(FEATURE_FRAMES)}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     layer_abs = check_layers(layer, model.n_layers)[0]
     texts = check_texts(list(task.texts if texts is None else texts))
     label_ids = label_token_ids(model, task.label_words)

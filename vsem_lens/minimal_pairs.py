@@ -60,7 +60,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ._io import atomic_write, iter_jsonl_objects, read_user_file
-from .errors import DataError, InputError
+from .errors import DataError, InputError, check_positive_int
 from .lenses import Lens, resolve_frame
 from .models import HookedModel, Tokens
 
@@ -397,8 +397,7 @@ def generate_minimal_pairs(
         >>> [p.phenomenon for p in pairs]
         ['anaphor_agreement', 'anaphor_agreement']
     """
-    if isinstance(n_per_phenomenon, bool) or not isinstance(n_per_phenomenon, int) or n_per_phenomenon < 1:
-        raise InputError(f"n_per_phenomenon must be a positive integer, got {n_per_phenomenon!r}.")
+    check_positive_int(n_per_phenomenon, "n_per_phenomenon")
     names = list(PHENOMENA) if phenomena is None else list(phenomena)
     for name in names:
         if name not in TEMPLATES:
@@ -520,8 +519,7 @@ def _check_pairs(pairs: Sequence[MinimalPair]) -> list[MinimalPair]:
 
 # ------------------------------------------------------------------------------------ scoring
 def _batches(n: int, batch_size: int) -> Iterable[slice]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
 
@@ -696,8 +694,7 @@ def layer_sentence_logprobs(
 
     layer_list = check_layers(layers, model.n_layers)
     lens_obj = resolve_frame(frame, model, lens=lens)
-    if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1:
-        raise InputError(f"token_chunk must be a positive integer, got {token_chunk!r}.")
+    check_positive_int(token_chunk, "token_chunk")
     out = torch.zeros(len(layer_list), len(sentences), dtype=torch.float64)
     dtype, W_U, b_U = readout_unembedding(model)
     for span in _batches(len(sentences), batch_size):

@@ -75,7 +75,7 @@ from ._io import atomic_write, texts_digest
 from .affinity import READOUT_MAX_ROWS, ReadoutKernel, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
-from .errors import InputError
+from .errors import InputError, check_positive_int
 from .lenses import Lens, check_frame
 from .models import HookedModel, check_texts
 from .stats import RunningScalars
@@ -773,8 +773,7 @@ def build_report(
         raise InputError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     if lens_tokens != "all" and (isinstance(lens_tokens, bool) or not isinstance(lens_tokens, int) or lens_tokens < 1):
         raise InputError(f"lens_tokens must be a positive integer or 'all', got {lens_tokens!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     if checkpoint_every is not None and (
         isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):

@@ -67,7 +67,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, check_positive_int
 from .minimal_pairs import MinimalPair, _check_pairs, _text_logprobs, score_minimal_pairs, summarize_pair_scores
 from .models import HookedModel
 
@@ -293,8 +293,7 @@ def phenomenon_gradients(
     pairs = _check_pairs(pairs)
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
         raise InputError(f"max_pairs must be a positive integer or None, got {max_pairs!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     params = model_parameters(model, include)
     slices, offset = [], 0
     for name, p in params:
@@ -461,8 +460,7 @@ class FTGDConfig:
         _check_frac(self.top_frac)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"FTGDConfig.{name} must be a positive integer, got {value!r}.")
+            check_positive_int(value, f"FTGDConfig.{name}")
         if not self.lr > 0:
             raise InputError(f"FTGDConfig.lr must be positive, got {self.lr!r}.")
         if self.objective not in OBJECTIVES:
