@@ -50,7 +50,7 @@ from ._io import atomic_write, texts_digest
 from .basis import word_token_ids
 from .capture import check_layers, iter_capture
 from .datasets import TextClassificationTask
-from .distributed import SINGLE, DistEnv, all_gather_objects, resolve_env, shard
+from .distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_sum, resolve_env, shard
 from .errors import InputError, NumericalError, VocabularyError, check_positive_int
 from .models import HookedModel, cache_dir, check_texts
 
@@ -288,12 +288,13 @@ def _forward_features(
     n, d = len(prompts), model.d_model
     token_rows = model.token_ids(prompts)
     order = sorted(range(n), key=lambda i: len(token_rows[i]))  # similar lengths together: less padding
-    out = {name: torch.empty(n, d, dtype=torch.float32) for name in ("X", "X_mean", "X_max")}
-    out["label_logits"] = torch.empty(n, len(label_ids), dtype=torch.float32)
+    # Under torchrun each rank fills its own rows of zeroed tensors; one sum over ranks then assembles them.
+    alloc = torch.zeros if env.active else torch.empty
+    out = {name: alloc(n, d, dtype=torch.float32) for name in ("X", "X_mean", "X_max")}
+    out["label_logits"] = alloc(n, len(label_ids), dtype=torch.float32)
     W_labels = model.W_U[:, label_ids].float()  # [d, k]
     b_labels = model.b_U[label_ids].float()
     layers = sorted({layer, model.n_layers - 1})
-    done: list[int] = []
     for start in tqdm(shard(range(0, n, batch_size), env), desc="features", unit="batch",
                       disable=not (progress and env.is_main)):
         rows = order[start : start + batch_size]
@@ -325,12 +326,8 @@ def _forward_features(
         out["X_mean"][index] = x_mean.cpu()
         out["X_max"][index] = x_max.cpu()
         out["label_logits"][index] = lab.cpu()
-        done.extend(rows)
-    if env.active:  # each rank filled its batches' rows: gather them so every rank holds all of them
-        mine = torch.tensor(done, dtype=torch.long)
-        for rows_of_rank, values in all_gather_objects((mine, {k: v[mine] for k, v in out.items()}), env):
-            for name, tensor in values.items():
-                out[name][rows_of_rank] = tensor
+    if env.active:  # every row was written by exactly one rank, so the sum is that rank's values
+        out = {name: all_reduce_sum(tensor, env) for name, tensor in out.items()}
     return out
 
 
