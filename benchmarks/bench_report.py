@@ -38,15 +38,9 @@ from _measure import repeat_to_tokens  # noqa: E402
 def _texts_with_tokens(model, n_tokens: int) -> list[str]:
     from vsem_lens.corpus import load_corpus
 
-    try:
-        base = load_corpus("default")
-        source = "default corpus"
-    except Exception:  # the packaged corpus has not landed: the benchmarks' shared stand-in
-        from _measure import corpus_texts
-
-        base, source = corpus_texts(), "stand-in corpus (benchmarks/_measure.py)"
-    lengths = model.tokenize(base, max_length=model.n_ctx).lengths.tolist()
-    return repeat_to_tokens(base, lengths, n_tokens), source
+    base = load_corpus("default")
+    lengths = [len(row) for row in model.token_ids(base, max_length=model.n_ctx)]
+    return repeat_to_tokens(base, lengths, n_tokens), "default corpus"
 
 
 def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
