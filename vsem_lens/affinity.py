@@ -5,7 +5,9 @@ semantic basis vector ``s_i``; probabilities are a softmax over the candidate se
 Identity: ``cos(s_i, h) = u_i^T G^{-1} h / (||G^{-1} u_i|| ||h||)`` with ``G = U^T U``: a whitened,
 per-token-normalised logit lens.
 
-Logit lens (nostalgebraist 2020): ``LN_f(h_l) W_U + b_U``. Both readouts apply the same frame (the
+Logit lens (nostalgebraist 2020): ``LN_f(h_l) W_U + b_U``, then the model's output-logit transform
+(:mod:`vsem_lens.logits`; the identity for most models, a softcap or scale for Gemma 2, Cohere, Granite).
+Both readouts apply the same frame (the
 lens that maps ``h_l`` into the LM-head input space; ``final_norm`` by default).
 
 Readout statistics per (layer, token), compared with the model's final next-token distribution ``p``
@@ -35,6 +37,7 @@ from .basis import SemanticBasis
 from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import InputError
 from .lenses import Lens, resolve_frame
+from .logits import Unembedding
 from .models import HookedModel
 
 LN2 = math.log(2.0)
@@ -67,7 +70,8 @@ def logit_lens(
     layer: int = -1,
     frame: str | Lens = "final_norm",
 ) -> Float[Tensor, "... d_vocab"]:
-    """Logit lens: ``lens(h) @ W_U + b_U`` (``final_norm`` frame: ``LN_f(h) W_U + b_U``).
+    """Logit lens: the model's logits of ``lens(h)`` (``final_norm`` frame: ``LN_f(h) W_U + b_U``, then the
+    model's output-logit transform, e.g. Gemma 2's softcap; at the last layer these are the model's logits).
 
     Example:
         >>> logit_lens(acts.layer("resid_post", 20), model).argmax(-1)  # doctest: +SKIP
@@ -101,39 +105,21 @@ READOUT_MAX_ROWS = 512
 SUB_ROWS = 32
 
 
-def readout_unembedding(model: Any) -> tuple[torch.dtype, Tensor, Tensor | None]:
-    """``(dtype, W_U, b_U)`` for full-vocabulary readouts of ``model``.
-
-    Half-precision models (bfloat16/float16) are read out in float32: a log-softmax over the whole
-    vocabulary in 8-bit-mantissa arithmetic would swamp the statistics. ``b_U`` is ``None`` when it
-    is all zeros, which skips a [rows, vocab] pass.
-
-    Example:
-        >>> dtype, W_U, b_U = readout_unembedding(model)  # doctest: +SKIP
-    """
-    dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
-    b_U = model.b_U.to(dtype)
-    return dtype, model.W_U.to(dtype), b_U if bool((b_U != 0).any()) else None
-
-
 def final_distribution(
-    h_last: Float[Tensor, "token d_model"], final_norm: Any, W_U: Float[Tensor, "d_model d_vocab"],
-    b_U: Float[Tensor, " d_vocab"] | None = None, *, top1: bool = True,
+    h_last: Float[Tensor, "token d_model"], final_norm: Any, unembedding: Unembedding, *, top1: bool = True,
 ) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"] | None]:
-    """The model's next-token distribution from last-layer residuals, in ``W_U``'s dtype.
+    """The model's next-token distribution from last-layer residuals, in the unembedding's dtype.
 
-    Returns ``p`` [token, vocab], ``sum_v p log p`` [token] (the negative entropy, nats) and the
-    top-1 ids (``None`` with ``top1=False``, which saves a full-vocabulary argmax): the targets of
-    every KL readout and of tuned-lens training.
+    The logits go through the model's one logits path (:meth:`~vsem_lens.models.HookedModel.unembedding`,
+    output-logit transform included), so they equal the model's own. Returns ``p`` [token, vocab],
+    ``sum_v p log p`` [token] (the negative entropy, nats) and the top-1 ids (``None`` with
+    ``top1=False``, which saves a full-vocabulary argmax): the targets of every KL readout and of
+    tuned-lens training.
 
     Example:
-        >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.W_U)  # doctest: +SKIP
+        >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.unembedding())  # doctest: +SKIP
     """
-    logits = final_norm(h_last).to(W_U.dtype) @ W_U
-    if b_U is not None:
-        logits += b_U
-    logp = torch.log_softmax(logits, dim=-1)
-    del logits
+    logp = torch.log_softmax(unembedding(final_norm(h_last)), dim=-1)
     p = logp.exp()
     neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1)
     return p, neg_entropy, logp.argmax(dim=-1) if top1 else None
@@ -155,9 +141,9 @@ class ReadoutKernel:
     ``[SUB_ROWS, vocab]`` one, whatever the corpus.
 
     Args:
-        model: the hooked model (``W_U``, ``b_U``, ``final_norm``).
+        model: the hooked model (its :meth:`~vsem_lens.models.HookedModel.unembedding` and ``final_norm``).
         layers: the layers read out (validated by the caller).
-        readouts: ``{name: (kind, lens)}`` with kind ``"lens"`` (``lens(h) W_U + b_U``) or
+        readouts: ``{name: (kind, lens)}`` with kind ``"lens"`` (the model's logits of ``lens(h)``) or
             ``"affinity"`` (cosine of ``lens(h)`` with the unit semantic bases).
         unit_vectors: unit semantic basis vectors [d_vocab, d_model]; needed for affinity readouts.
 
@@ -184,7 +170,8 @@ class ReadoutKernel:
                 raise InputError("affinity readouts need the unit semantic basis vectors (unit_vectors=...).")
         self.layers = list(layers)
         self.readouts = dict(readouts)
-        self.dtype, self.W_U, self.b_U = readout_unembedding(model)
+        self.unembedding = model.unembedding()
+        self.dtype, self.W_U = self.unembedding.dtype, self.unembedding.W_U
         self.unit_T = (
             unit_vectors.T.to(device=self.W_U.device, dtype=self.dtype) if unit_vectors is not None else None
         )
@@ -228,7 +215,7 @@ class ReadoutKernel:
         t, n_layers, V = x.shape[1], len(self.layers), self.d_vocab
         if t > self.tokens_per_chunk:
             raise InputError(f"at most {self.tokens_per_chunk} tokens per call, got {t}.")
-        final_p, neg_entropy, final_ids = final_distribution(x[last], self.final_norm, self.W_U, self.b_U)
+        final_p, neg_entropy, final_ids = final_distribution(x[last], self.final_norm, self.unembedding)
         finals = {"final_ids": final_ids, "final_entropy_bits": -neg_entropy / LN2}
         scores_buffer, small = self._buffers()
         scores = scores_buffer[: t * n_layers]
@@ -244,10 +231,8 @@ class ReadoutKernel:
             if kind == "affinity":
                 h = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
                 torch.mm(h, self.unit_T, out=scores)
-            elif self.b_U is not None:
-                torch.addmm(self.b_U, h, self.W_U, out=scores)
             else:
-                torch.mm(h, self.W_U, out=scores)
+                self.unembedding(h, out=scores)
             grid = scores.view(t, n_layers, V)
             target_score = grid.gather(2, target_index).squeeze(2)  # [t, L]
             values: dict[str, Tensor] = {}

@@ -48,6 +48,7 @@ from .calibration import classification_metrics, torch_threads
 from .datasets import TextClassificationTask
 from .errors import InputError, ModelLoadError, check_positive_int
 from .features import Features, build_prompts, extract_features, label_token_ids, n_tokens
+from .logits import Unembedding
 from .models import HookedModel
 
 BASELINES = ("zero-shot", "affinity", "knn", "probe", "icl", "lora", "ia3")
@@ -426,7 +427,7 @@ def finetune_baseline(
 
     Training: the zero-shot prompt of each train text (shortened to ``max_length`` tokens, same BOS
     rule as the hooked model); loss = cross-entropy over the label-token logits at the last prompt
-    token (``h_last @ W_U[:, labels]``, so no [batch, pos, vocab] logits are built); AdamW; one pass
+    token (the model's logits over the label tokens only, so no [batch, pos, vocab] logits are built); AdamW; one pass
     over train per epoch in seeded random order. Defaults: LoRA r 8, alpha 16 on peft's default target
     modules (Llama: q_proj, v_proj), lr 5e-4; IA3 on peft's defaults (Llama: k_proj, v_proj,
     down_proj), lr 5e-3. No model selection on validation (fixed budget).
@@ -458,16 +459,18 @@ def finetune_baseline(
     n_trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     base = tuned.get_base_model()
     backbone = getattr(base, base.base_model_prefix)
-    head_w = base.get_output_embeddings().weight[label_ids].detach()  # [k, d]; frozen
     head_b = getattr(base.get_output_embeddings(), "bias", None)
-    head_b = head_b[label_ids].detach() if head_b is not None else None
+    # The copy's frozen LM head over the label tokens, through the model's one logits path.
+    label_head = Unembedding(
+        base.get_output_embeddings().weight.detach().T,
+        head_b.detach() if head_b is not None else None,
+        model.output_transform,
+    ).columns(label_ids)
 
     def label_logits(prompts: list[str]) -> Tensor:
         tokens = model.tokenize(prompts)
         hidden = backbone(input_ids=tokens.ids, attention_mask=tokens.mask).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0]), tokens.mask.sum(dim=1) - 1]
-        out = last @ head_w.T
-        return out + head_b if head_b is not None else out
+        return label_head(hidden[torch.arange(hidden.shape[0]), tokens.mask.sum(dim=1) - 1])
 
     params = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -567,7 +567,7 @@ def affinity_sparsity_by_layer(
 
     For each token and layer, the residual ``h_l`` (``resid_post``) is mapped into ``frame`` and read
     out two ways over the whole vocabulary: vocabulary affinity (cosines to every semantic basis vector;
-    softmax without temperature, as in Gu et al.) and the logit lens (``lens(h) W_U + b_U``, in the same
+    softmax without temperature, as in Gu et al.) and the logit lens (the model's logits of ``lens(h)``, in the same
     frame; the usual logit lens in the default ``final_norm`` frame). Reported per (layer, readout):
     the entropy in bits of the softmax (at most ``log2(d_vocab)``; since cosines lie in [-1, 1], the
     affinity softmax is always close to uniform and its entropy close to that maximum, which is the
@@ -595,7 +595,6 @@ def affinity_sparsity_by_layer(
     basis, lens = basis_and_lens(model, frame, basis)
     keys = ("entropy_bits", "topk_mass", "top1_prob", "top1_cosine")
     running = {key: RunningScalars((len(layer_list), 2)) for key in keys}  # readout 0 affinity, 1 lens
-    W_U = model.W_U
     for batch in iter_capture(
         model, texts, layers=layer_list, batch_size=batch_size, max_length=max_length, progress=progress
     ):
@@ -610,7 +609,7 @@ def affinity_sparsity_by_layer(
                     del affinity
                     for key, value in out.items():
                         running[key].update(value, (t, 0))
-                    lens_out, _ = _softmax_stats(model.unembed(h.to(W_U.dtype)), k)
+                    lens_out, _ = _softmax_stats(model.unembed(h), k)
                     for key, value in lens_out.items():
                         running[key].update(value, (t, 1))
     rows = []

@@ -292,8 +292,7 @@ def _forward_features(
     alloc = torch.zeros if env.active else torch.empty
     out = {name: alloc(n, d, dtype=torch.float32) for name in ("X", "X_mean", "X_max")}
     out["label_logits"] = alloc(n, len(label_ids), dtype=torch.float32)
-    W_labels = model.W_U[:, label_ids].float()  # [d, k]
-    b_labels = model.b_U[label_ids].float()
+    label_head = model.unembedding(torch.float32).columns(label_ids)  # [d, k], output transform included
     layers = sorted({layer, model.n_layers - 1})
     for start in tqdm(shard(range(0, n, batch_size), env), desc="features", unit="batch",
                       disable=not (progress and env.is_main)):
@@ -314,8 +313,8 @@ def _forward_features(
             x_max = resid.new_full((len(rows), d), float("-inf")).scatter_reduce_(
                 0, doc.unsqueeze(1).expand_as(resid), resid, reduce="amax"
             )
-            # The model's next-token logits over the label tokens: LN_f(h_L) W_U[:, labels] + b_U[labels].
-            lab = model.final_norm(acts[-1][last]).float() @ W_labels + b_labels
+            # The model's next-token logits over the label tokens (its output transform is elementwise).
+            lab = label_head(model.final_norm(acts[-1][last]))
         if not (torch.isfinite(x_last).all() and torch.isfinite(lab).all() and torch.isfinite(x_max).all()):
             raise NumericalError(
                 "the model produced NaN/inf activations for some prompts; check the weights and dtype "

