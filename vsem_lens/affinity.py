@@ -36,8 +36,9 @@ from torch import Tensor
 from .basis import SemanticBasis
 from .capture import ActivationBatch, check_layers, iter_capture
 from .errors import InputError
-from .lenses import Lens, resolve_frame
-from .logits import Unembedding
+from .frames import resolve_frame
+from .lenses import Lens
+from .logits import Unembedding, final_distribution
 from .models import HookedModel
 
 LN2 = math.log(2.0)
@@ -103,26 +104,6 @@ READOUT_BUFFER_ELEMENTS = 2**25
 READOUT_MAX_ROWS = 512
 #: Rows per post-processing sub-chunk (log-softmax, KL, rank): small enough to stay in the CPU caches.
 SUB_ROWS = 32
-
-
-def final_distribution(
-    h_last: Float[Tensor, "token d_model"], final_norm: Any, unembedding: Unembedding, *, top1: bool = True,
-) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"] | None]:
-    """The model's next-token distribution from last-layer residuals, in the unembedding's dtype.
-
-    The logits go through the model's one logits path (:meth:`~vsem_lens.models.HookedModel.unembedding`,
-    output-logit transform included), so they equal the model's own. Returns ``p`` [token, vocab],
-    ``sum_v p log p`` [token] (the negative entropy, nats) and the top-1 ids (``None`` with
-    ``top1=False``, which saves a full-vocabulary argmax): the targets of every KL readout and of
-    tuned-lens training.
-
-    Example:
-        >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.unembedding())  # doctest: +SKIP
-    """
-    logp = torch.log_softmax(unembedding(final_norm(h_last)), dim=-1)
-    p = logp.exp()
-    neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1)
-    return p, neg_entropy, logp.argmax(dim=-1) if top1 else None
 
 
 class ReadoutKernel:
@@ -312,7 +293,7 @@ def basis_and_lens(
     """The semantic basis of ``frame`` (built when not given and ``build_basis``) and the lens into it.
 
     A frame name equal to the basis's frame reuses the basis's own lens (so a tuned lens is loaded once);
-    a :class:`Lens` (or another frame name) is resolved by :func:`~vsem_lens.lenses.resolve_frame`.
+    a :class:`Lens` (or another frame name) is resolved by :func:`~vsem_lens.frames.resolve_frame`.
 
     Example:
         >>> basis, lens = basis_and_lens(model, "final_norm")   # doctest: +SKIP

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ._io import atomic_write
 from .errors import ArtifactError, NumericalError, VocabularyError
-from .lenses import Lens, check_frame, resolve_frame
+from .frames import check_frame, resolve_frame
+from .lenses import Lens
 from .models import HookedModel, cache_dir
 
 FORMAT_VERSION = 1

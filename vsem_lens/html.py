@@ -17,12 +17,9 @@ import html
 import json
 import uuid
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .report_plots import total_seconds
-
-if TYPE_CHECKING:
-    from .report import Report
 
 PLOTLY_CONFIG = {
     "responsive": True,
@@ -188,8 +185,9 @@ def _run_card(summary: dict[str, Any]) -> str:
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
-def render_page(report: "Report", *, standalone: bool = True) -> str:
-    """HTML of a report: a full page (``standalone``) or a fragment for Jupyter's ``_repr_html_``.
+def render_page(report: Any, *, standalone: bool = True) -> str:
+    """HTML of a :class:`~vsem_lens.report.Report`: a full page (``standalone``) or a fragment for Jupyter's
+    ``_repr_html_``. ``report`` is untyped here so this module does not import the report module that uses it.
 
     Both inline plotly.js once and draw every figure with ``Plotly.newPlot``; the fragment scopes its
     CSS and element ids to one random prefix so several reports can share a notebook.

@@ -2,7 +2,7 @@
 
 The semantic bases (Gu et al.) live in the LM-head input space, i.e. after the final norm. For an
 intermediate layer ``l`` the papers do not say what to compare them with; vsem-lens names three frames
-and uses the same names everywhere (DESIGN 3.3):
+and uses the same names everywhere (docs/concepts/frames.md):
 
 - ``raw``: the residual ``h_l`` as it is (:class:`RawLens`).
 - ``final_norm`` (default): the model's own final norm applied to ``h_l``, the logit-lens convention
@@ -13,9 +13,10 @@ and uses the same names everywhere (DESIGN 3.3):
 Cosine is not invariant to the norm's gain vector or centring, so the frames give different answers;
 every table records which one was used.
 
+Frame names are turned into lenses by :func:`vsem_lens.frames.resolve_frame`.
+
 Example:
-    >>> lens = resolve_frame("final_norm", model)  # doctest: +SKIP
-    >>> lens(h, layer=3).shape                      # doctest: +SKIP
+    >>> FinalNormLens(model)(h, layer=3).shape  # doctest: +SKIP
     torch.Size([5, 576])
 """
 
@@ -28,9 +29,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import InputError
-
-FRAMES = ("raw", "final_norm", "tuned")
-
 
 class Lens(ABC):
     """Maps a layer's residual into the final layer's frame (the LM-head input space or ``raw``).
@@ -100,50 +98,3 @@ class FinalNormLens(Lens):
 
     def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
         return self.model.final_norm(h)
-
-
-def check_frame(frame: str) -> str:
-    """Validate a frame name.
-
-    Example:
-        >>> check_frame("raw")
-        'raw'
-    """
-    if frame not in FRAMES:
-        raise InputError(f"unknown frame {frame!r}; choose one of {', '.join(FRAMES)}.")
-    return frame
-
-
-def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) -> Lens:
-    """Turn a frame name (or a ready lens) into a :class:`Lens` for ``model``.
-
-    ``"tuned"`` needs a trained tuned lens, passed as ``lens=`` or found in the cache for this model.
-
-    Example:
-        >>> resolve_frame("raw", None)
-        RawLens()
-    """
-    if isinstance(frame, Lens):
-        if model is not None:
-            frame.check_model(model)
-        return frame
-    frame = check_frame(frame)
-    if frame == "raw":
-        return RawLens()
-    if frame == "final_norm":
-        return FinalNormLens(model)
-    if lens is not None:
-        if model is not None:
-            lens.check_model(model)
-        return lens
-    from .tuned import find_cached_tuned_lens  # tuned lenses are optional; import lazily
-
-    cached = find_cached_tuned_lens(model)
-    if cached is None:
-        raise InputError(
-            "frame 'tuned' needs a trained tuned lens for this model, and none was given or cached. "
-            "Train one with `vsem-lens lens train --model ...` (it is then cached for this model and found "
-            "automatically), or with vsem_lens.TunedLens.fit(model, texts) and pass it as lens=... (or as "
-            "frame=); or use frame='final_norm'."
-        )
-    return cached

@@ -21,10 +21,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 Transform = Callable[[Tensor], Tensor]
@@ -145,3 +145,23 @@ class Unembedding:
             x = pre.detach().requires_grad_(True)
             (out,) = torch.autograd.grad(self.transform(x), x, grad.to(x.dtype))
         return out
+
+
+def final_distribution(
+    h_last: Float[Tensor, "token d_model"], final_norm: Any, unembedding: Unembedding, *, top1: bool = True,
+) -> tuple[Float[Tensor, "token d_vocab"], Float[Tensor, " token"], Int[Tensor, " token"] | None]:
+    """The model's next-token distribution from last-layer residuals, in the unembedding's dtype.
+
+    The logits go through the model's one logits path (:meth:`~vsem_lens.models.HookedModel.unembedding`,
+    output-logit transform included), so they equal the model's own. Returns ``p`` [token, vocab],
+    ``sum_v p log p`` [token] (the negative entropy, nats) and the top-1 ids (``None`` with
+    ``top1=False``, which saves a full-vocabulary argmax): the targets of every KL readout and of
+    tuned-lens training.
+
+    Example:
+        >>> p, neg_entropy, top1 = final_distribution(h, model.final_norm, model.unembedding())  # doctest: +SKIP
+    """
+    logp = torch.log_softmax(unembedding(final_norm(h_last)), dim=-1)
+    p = logp.exp()
+    neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1)
+    return p, neg_entropy, logp.argmax(dim=-1) if top1 else None

@@ -61,7 +61,8 @@ from torch import Tensor
 
 from ._io import atomic_write, iter_jsonl_objects, read_user_file
 from .errors import DataError, InputError, check_positive_int
-from .lenses import Lens, resolve_frame
+from .frames import resolve_frame
+from .lenses import Lens
 from .models import HookedModel, Tokens
 
 DEFAULT_FILE = "minimal_pairs.jsonl"
@@ -733,7 +734,7 @@ def minimal_pair_accuracy_by_layer(
     Args:
         frame: ``"final_norm"`` (logit lens: the model's final norm then the unembedding) or
             ``"tuned"`` (a trained :class:`~vsem_lens.tuned.TunedLens`, given as ``lens=`` or found
-            in the cache; see :func:`~vsem_lens.lenses.resolve_frame`), or a :class:`Lens`.
+            in the cache; see :func:`~vsem_lens.frames.resolve_frame`), or a :class:`Lens`.
             ``"raw"`` skips the final norm (rarely meaningful for log-probabilities).
         layers: layers to read (default all); the last layer in the ``final_norm`` frame equals
             :func:`minimal_pair_accuracy`.

@@ -76,7 +76,8 @@ from .affinity import READOUT_MAX_ROWS, ReadoutKernel, vocabulary_strings
 from .basis import SemanticBasis
 from .capture import check_layers, iter_capture
 from .errors import InputError, check_positive_int
-from .lenses import Lens, check_frame
+from .frames import check_frame
+from .lenses import Lens
 from .models import HookedModel, check_texts
 from .stats import RunningScalars
 

@@ -76,12 +76,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .affinity import final_distribution
 from .capture import iter_capture
 from .distributed import SINGLE, DistEnv, all_reduce_sum, resolve_env
 from ._io import atomic_write
 from .errors import ArtifactError, InputError, NumericalError
 from .lenses import Lens
+from .logits import final_distribution
 from .models import HookedModel, Tokens, cache_dir, check_texts
 
 FORMAT_VERSION = 1

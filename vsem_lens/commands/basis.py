@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..basis import SemanticBasis
     from ..disentangle import basis_coherence
-    from ..lenses import check_frame
+    from ..frames import check_frame
 
     say = messenger(args.quiet)
     frame = check_frame(args.frame)

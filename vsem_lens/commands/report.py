@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and corpus, build the report, write it; prints where it went."""
     from ..corpus import load_corpus
     from ..distributed import destroy
-    from ..lenses import check_frame
+    from ..frames import check_frame
     from ..report import build_report
     from ..report_plots import total_seconds
 
