@@ -1,6 +1,6 @@
 """Benchmark: neural clustering head (features cached) vs LoRA fine-tuning on the same task (CPU).
 
-DESIGN 4 anchor "calibration head vs LoRA / IA3 on the same task: accuracy and wall time". Both sides
+Anchor: "calibration head vs LoRA / IA3 on the same task: accuracy and wall time". Both sides
 use the embedded SmolLM2-135M-Instruct, the same zero-shot prompt, the same train/validation/test split
 (sentiment when its data file is installed, else topic) and report test accuracy:
 

@@ -31,7 +31,7 @@ def test_pinv_by_gram_float64_exact():
 
 
 def test_cosine_identity(tiny_model):
-    """cos(s_i, h) = u_i^T G^-1 h / (||G^-1 u_i|| ||h||) with U = W_U^T, G = U^T U (DESIGN 3.2)."""
+    """cos(s_i, h) = u_i^T G^-1 h / (||G^-1 u_i|| ||h||) with U = W_U^T, G = U^T U (docs/concepts/affinity.md)."""
     basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
     U = tiny_model.W_U.double().T
     G_inv = torch.linalg.inv(U.T @ U)

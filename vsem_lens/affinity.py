@@ -1,6 +1,6 @@
 """Vocabulary-affinity (cosine) logits and the logit lens, layer by layer, in bounded memory.
 
-Vocabulary affinity (Gu et al.'s similarity logits, DESIGN 3.2): ``a_i(r) = cos(s_i, r)`` for every
+Vocabulary affinity (Gu et al.'s similarity logits, docs/concepts/affinity.md): ``a_i(r) = cos(s_i, r)`` for every
 semantic basis vector ``s_i``; probabilities are a softmax over the candidate set with no temperature.
 Identity: ``cos(s_i, h) = u_i^T G^{-1} h / (||G^{-1} u_i|| ||h||)`` with ``G = U^T U``: a whitened,
 per-token-normalised logit lens.

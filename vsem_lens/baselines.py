@@ -6,7 +6,7 @@ Each baseline returns a :class:`BaselineResult` with test accuracy, macro-F1 and
 name            what it does
 =============== ======================================================================================
 zero-shot       the model's next-token logits over the label tokens (matmul: ``LN_f(h) W_U + b_U``)
-affinity        cosine of the LM-head input to the label tokens' semantic bases (DESIGN 3.2)
+affinity        cosine of the LM-head input to the label tokens' semantic bases (docs/concepts/affinity.md)
 knn             cosine k-nearest neighbours on the prompt features; k chosen on validation
 probe           multinomial logistic regression (L2) on standardised features; strength chosen on
                 validation; full-batch L-BFGS in float64 (torch; no scikit-learn needed)

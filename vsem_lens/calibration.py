@@ -1,6 +1,6 @@
 """Semantic calibration: a neural clustering head trained on detached zero-shot representations.
 
-The head (Gu et al., paper v6; DESIGN 3.4) maps a representation ``r`` (by default the LM-head input
+The head (Gu et al., paper v6; docs/concepts/calibration.md) maps a representation ``r`` (by default the LM-head input
 at the last prompt token, see :mod:`vsem_lens.features`) to ``lambda(r)``, and classifies by the
 cosine of ``lambda(r)`` to the **fixed** semantic bases of the label tokens (the centroids; they are
 never trained). Only the head learns; the language model is untouched.

@@ -1,6 +1,6 @@
 r"""Disentanglement: how separated the semantic bases are, and how the residual is built from components.
 
-Two views (DESIGN 3.6).
+Two views (docs/concepts/disentanglement.md).
 
 **Basis view** (:func:`basis_coherence`). The semantic basis ``S = pinv(W_U)`` [V, d] (Gu et al., arXiv
 2401.16184) whitens the unembedding: ``s_i = G^{-1} u_i`` with ``G = U^T U``. We compare the pairwise

@@ -4,7 +4,7 @@ Each example is wrapped in the task's template (``"Review: {text}\\nSentiment:"`
 hooked model once. From that single forward we keep, per example:
 
 - ``X`` [n, d]: the residual ``blocks.{layer}.hook_resid_post`` at the **last non-padding token**,
-  mapped into a frame (DESIGN 3.3): ``final_norm`` (default; at the last layer this is exactly the
+  mapped into a frame (docs/concepts/frames.md): ``final_norm`` (default; at the last layer this is exactly the
   LM-head input, the space the semantic bases live in) or ``raw``.
 - ``X_mean``, ``X_max`` [n, d]: the mean and the per-dimension max of the same layer's residuals over
   the prompt's real tokens, in the same frame (the token pools a CBAM-style channel attention reads;

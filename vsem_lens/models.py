@@ -578,7 +578,7 @@ def _from_gguf(gguf: Path, *, dtype: torch.dtype):
             f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}. The file may be truncated "
             "or corrupt; download or reinstall it."
         ) from exc
-    # The dequantised model still says it is quantised; it is plain fp32 now (DESIGN 5).
+    # The dequantised model still says it is quantised; it is plain fp32 now.
     hf_model.config.quantization_config = None
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config

@@ -1,7 +1,7 @@
 r"""Linguistic task spaces (Weber et al., ACL 2024): gradient-similarity probing and FTGD transfer.
 
 A *task space* places linguistic phenomena (minimal-pair tasks, :mod:`vsem_lens.minimal_pairs`) in
-a space whose geometry says which phenomena the model treats alike. Two probes (DESIGN 3.7):
+a space whose geometry says which phenomena the model treats alike. Two probes (docs/studies/task-spaces.md):
 
 **Gradient similarity** (:func:`phenomenon_gradients`, :func:`gradient_similarity`). For phenomenon
 ``t`` with pairs ``(g_i, b_i)`` the objective is the mean log-probability margin

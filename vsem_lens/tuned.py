@@ -1,6 +1,6 @@
 """Tuned lens: one affine translator per layer, trained by KL to the final layer (Belrose et al. 2023).
 
-The ``tuned`` frame (DESIGN 3.3) maps the residual ``h_l`` of layer ``l`` (``resid_post``) to
+The ``tuned`` frame (docs/concepts/frames.md) maps the residual ``h_l`` of layer ``l`` (``resid_post``) to
 
     T_l(h) = LN_f(h + A_l h + b_l)
 

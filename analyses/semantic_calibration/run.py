@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct (no BOS, the library's default rule):
   authors' loss settings (softmax over raw cosines = temperature 1, lr 1e-4);
 - baselines: zero-shot matmul logits, zero-shot affinity (cosine to the label bases), kNN, logistic
   probe, 1-shot-per-class ICL, LoRA and IA3 (1 epoch over train, max_length 64, batch 8);
-- diagnostics of the affinity gap (DESIGN 3.2: ``cos(s_i, h) = u_i^T G^-1 h / (||G^-1 u_i|| ||h||)``):
+- diagnostics of the affinity gap (docs/concepts/affinity.md: ``cos(s_i, h) = u_i^T G^-1 h / (||G^-1 u_i|| ||h||)``):
   the same argmax with each ingredient switched on separately (per-token normalisation of the
   unembedding rows, whitening by ``G^-1``), the affinity after centring the features on the train
   mean, and the zero-shot readouts with BOS prepended.
