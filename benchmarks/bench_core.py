@@ -34,12 +34,12 @@ def load():
     from transformers import AutoModelForCausalLM
 
     model = vl.load_model("embedded")
-    hf = AutoModelForCausalLM.from_pretrained(vl.models.embedded_model_dir(), attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(vl.core.models.embedded_model_dir(), attn_implementation="eager").eval()
     return vl, model, hf
 
 
 def bench_capture(vl, model, hf, repeats):
-    from vsem_lens.models import Tokens
+    from vsem_lens.core.models import Tokens
 
     ids = token_batch(model.tokenizer, 8, 128)
     mask = torch.ones_like(ids)
@@ -69,10 +69,10 @@ def bench_basis(vl, model, repeats):
     results = {}
     start = time.perf_counter(); ref = torch.linalg.pinv(W.double()); results["pinv64"] = time.perf_counter() - start
     start = time.perf_counter(); p32 = torch.linalg.pinv(W); results["pinv32"] = time.perf_counter() - start
-    start = time.perf_counter(); g64 = vl.pinv_by_gram(W); results["gram64"] = time.perf_counter() - start
-    start = time.perf_counter(); g32 = vl.pinv_by_gram(W, compute_dtype=torch.float32); results["gram32"] = time.perf_counter() - start
+    start = time.perf_counter(); g64 = vl.readout.pinv_by_gram(W); results["gram64"] = time.perf_counter() - start
+    start = time.perf_counter(); g32 = vl.readout.pinv_by_gram(W, compute_dtype=torch.float32); results["gram32"] = time.perf_counter() - start
     t = interleaved_medians(
-        {"pinv64": lambda: torch.linalg.pinv(W.double()), "gram64": lambda: vl.pinv_by_gram(W)}, repeats=repeats, warmup=0
+        {"pinv64": lambda: torch.linalg.pinv(W.double()), "gram64": lambda: vl.readout.pinv_by_gram(W)}, repeats=repeats, warmup=0
     )
     vl.SemanticBasis.from_model(model)  # fill the cache
     start = time.perf_counter(); vl.SemanticBasis.from_model(model); cached = time.perf_counter() - start
@@ -95,22 +95,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, {bench_dir!r})
 from _measure import PeakRSS, token_batch
 import vsem_lens as vl
-from vsem_lens.capture import ActivationBatch
+from vsem_lens.core.capture import ActivationBatch
 mode = {mode!r}
 model = vl.load_model("embedded")
 basis = vl.SemanticBasis.from_model(model)
 ids = token_batch(model.tokenizer, 4, 128)
 mask = torch.ones_like(ids)
 # Capture once outside the timed region: the readouts are timed on the same residuals for every mode.
-from vsem_lens.models import Tokens
+from vsem_lens.core.models import Tokens
 resid = vl.capture(model, Tokens(ids, mask))["resid_post"]
 n = resid.shape[1]
 batch = ActivationBatch(acts={{"resid_post": resid}}, layers=list(range(30)), tokens=Tokens(ids, mask),
                         doc_index=torch.arange(n) // 128, positions=torch.arange(n) % 128, token_ids=ids.reshape(-1))
 W, b, unit = model.W_U, model.b_U, basis.unit_vectors
-lens_readout = vl.affinity.LayerReadout(model, basis=basis, readouts=("lens",), k=5)
-both_readout = vl.affinity.LayerReadout(model, basis=basis, k=5)
-aff_readout = vl.affinity.LayerReadout(model, basis=basis, readouts=("affinity",), k=5)
+lens_readout = vl.readout.affinity.LayerReadout(model, basis=basis, readouts=("lens",), k=5)
+both_readout = vl.readout.affinity.LayerReadout(model, basis=basis, k=5)
+aff_readout = vl.readout.affinity.LayerReadout(model, basis=basis, readouts=("affinity",), k=5)
 def floor(which):
     with torch.no_grad():
         for s in range(0, n, 512):

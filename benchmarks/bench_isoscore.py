@@ -1,8 +1,8 @@
-"""Benchmark: streaming ``vsem_lens.isotropy.isoscore`` vs the PyPI ``isoscore`` package (CPU).
+"""Benchmark: streaming ``vsem_lens.geometry.isotropy.isoscore`` vs the PyPI ``isoscore`` package (CPU).
 
 Both sides see the same float32 points [N, 576] (SmolLM2's d_model): an anisotropic cloud with a few
 outlier dimensions, one with a mean of 300, generated chunk by chunk from a seed. Ours streams the
-chunks (8192 rows each) through a float64 :class:`~vsem_lens.stats.Moments` and never holds all the
+chunks (8192 rows each) through a float64 :class:`~vsem_lens.core.stats.Moments` and never holds all the
 points; the package needs them all in memory (``IsoScore(points)`` then copies them and
 ``torch.cov`` centres a further copy, in float32). Each measurement runs in its own subprocess so
 peak-RSS figures are clean; peak RSS growth is sampled every 2 ms by a background thread (psutil).
@@ -84,8 +84,8 @@ def chunk_sizes(n_points: int):
 def worker_ours(n_points: int, dim: int, seed: int) -> dict:
     import torch
 
-    from vsem_lens.isotropy import isoscore
-    from vsem_lens.stats import Moments
+    from vsem_lens.geometry.isotropy import isoscore
+    from vsem_lens.core.stats import Moments
 
     torch.set_grad_enabled(False)
     mem = PeakRSS()

@@ -4,7 +4,7 @@ For each corpus size N (tokens of the embedded corpus, repeated if it is shorter
 (so that peak RSS is per N) loads the model (excluded from every timing) and measures:
 
 - ``hf``: ``AutoModelForCausalLM`` (eager attention, as the bridge uses) from
-  ``vsem_lens.models.embedded_model_dir()``, forward over exactly the report's token batches (same
+  ``vsem_lens.core.models.embedded_model_dir()``, forward over exactly the report's token batches (same
   length-sorted, right-padded batches of 8 texts).
 - ``report``: ``build_report(model, texts, max_tokens=N)`` with the default ``lens_tokens`` plus
   ``Report.save`` (HTML, CSV, JSON) into a temporary directory. Target: <= 3x ``hf``.
@@ -36,7 +36,7 @@ from _measure import repeat_to_tokens  # noqa: E402
 
 
 def _texts_with_tokens(model, n_tokens: int) -> list[str]:
-    from vsem_lens.corpus import load_corpus
+    from vsem_lens.core.corpus import load_corpus
 
     base = load_corpus("default")
     lengths = [len(row) for row in model.token_ids(base, max_length=model.n_ctx)]
@@ -51,8 +51,8 @@ def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
 
     import vsem_lens as vl
     from _measure import PeakRSS
-    from vsem_lens.models import embedded_model_dir
-    from vsem_lens.report import DEFAULT_LENS_TOKENS, LensAggregator, _plan, build_report
+    from vsem_lens.core.models import embedded_model_dir
+    from vsem_lens.report.build import DEFAULT_LENS_TOKENS, LensAggregator, _plan, build_report
 
     lens_tokens = lens_tokens or DEFAULT_LENS_TOKENS
     model = vl.load_model("embedded")

@@ -29,7 +29,7 @@ from _measure import PeakRSS, corpus_texts, interleaved_medians, token_batch  # 
 
 def step_seconds(vl, model, texts, tokens, steps, dtype):
     """Per-step wall times of TunedLens.fit (capture + loss + backward + update), first step dropped."""
-    from vsem_lens.tuned import TunedLens
+    from vsem_lens.lenses.tuned import TunedLens
 
     times: list[float] = []
     last = [0.0]
@@ -46,7 +46,7 @@ def step_seconds(vl, model, texts, tokens, steps, dtype):
 
 def floor_fn(model, ids, dtype):
     """A plain forward over the tokens + one full unembedding of every layer's residual."""
-    from vsem_lens.models import Tokens
+    from vsem_lens.core.models import Tokens
 
     W = model.W_U.to(dtype)
     mask = torch.ones_like(ids)

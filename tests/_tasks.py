@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vsem_lens.datasets import TextClassificationTask
+from vsem_lens.calibration.datasets import TextClassificationTask
 
 # Label words of the tiny BPE tokenizer: multi-token, but with distinct last sub-tokens.
 TINY_VERBALIZER = {"animal": "cat", "food": "apples"}

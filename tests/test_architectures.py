@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.capture import iter_capture
+from vsem_lens.core.capture import iter_capture
 from vsem_lens.cli import main
-from vsem_lens.isotropy import IsotropyState, isoscore
-from vsem_lens.models import HookedModel, Tokens
+from vsem_lens.geometry.isotropy import IsotropyState, isoscore
+from vsem_lens.core.models import HookedModel, Tokens
 
 from architectures import ARCHITECTURES, BF16_ARCHITECTURES, CHECKS, REPORT_ARCHITECTURES, ArchSpec
 from conftest import TINY_TEXTS

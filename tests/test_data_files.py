@@ -125,7 +125,7 @@ def test_corpus_no_duplicates():
 
 
 def test_corpus_is_readable_by_the_corpus_loader():
-    from vsem_lens.corpus import _parse, default_corpus_text
+    from vsem_lens.core.corpus import _parse, default_corpus_text
 
     texts = _parse("jsonl", default_corpus_text(), "default")
     assert len(texts) == len(_read_jsonl(CORPUS))

@@ -77,15 +77,15 @@ def test_study_pages_include_readme_or_note():
 
 
 def test_result_objects_have_repr_html():
-    from vsem_lens.disentangle import BasisCoherence
-    from vsem_lens.report import Report
+    from vsem_lens.geometry.disentangle import BasisCoherence
+    from vsem_lens.report.build import Report
 
     for cls in (Report, BasisCoherence):
         assert callable(getattr(cls, "_repr_html_", None)), f"{cls.__name__} does not render in Jupyter"
 
 
 def test_basis_coherence_repr_html(tiny_model):
-    coh = vl.basis_coherence(vl.SemanticBasis.from_model(tiny_model), sample=64, seed=0, bins=10, n_extremes=3)
+    coh = vl.geometry.basis_coherence(vl.SemanticBasis.from_model(tiny_model), sample=64, seed=0, bins=10, n_extremes=3)
     html = coh._repr_html_()
     assert html.startswith("<div><b>BasisCoherence</b>") and "<table" in html
     assert "semantic_basis" in html and "unembedding" in html

@@ -66,7 +66,7 @@ def main() -> None:
     # 1. per-text decomposition -> per (text, layer) indicators
     rows = []
     for t, text in enumerate(texts):
-        dec = vl.decomposition_by_layer(model, [text], max_length=args.max_length)
+        dec = vl.geometry.decomposition_by_layer(model, [text], max_length=args.max_length)
         for layer, g in dec.groupby("layer"):
             n = int(g.n_tokens.iloc[0])
             own_mlp = g[g.component == f"mlp_{layer}"].iloc[0]

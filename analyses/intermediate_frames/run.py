@@ -50,8 +50,8 @@ def split_corpus(texts: list[str], n_heldout: int, seed: int) -> tuple[list[str]
 def train_lens(vl, model, train, args):
     import hashlib
 
-    from vsem_lens.models import cache_dir
-    from vsem_lens.tuned import TrainingConfig, TunedLens
+    from vsem_lens.core.models import cache_dir
+    from vsem_lens.lenses.tuned import TrainingConfig, TunedLens
 
     config = TrainingConfig(
         steps=args.steps, tokens_per_step=args.tokens_per_step, optimizer=args.optimizer, lr=args.lr,

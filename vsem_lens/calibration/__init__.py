@@ -1,0 +1,21 @@
+"""Semantic calibration: labelled tasks, prompt features, neural clustering heads and the baselines
+they are compared with (zero-shot, probes, kNN, kNN prompting, ICL, LoRA/IA3).
+"""
+
+from .baselines import BaselineResult, run_baselines
+from .datasets import TextClassificationTask, load_task, load_task_file
+from .features import Features, extract_features
+from .heads import CalibratedModel, NeuralClusteringHead, classification_metrics
+
+__all__ = [
+    "BaselineResult",
+    "CalibratedModel",
+    "Features",
+    "NeuralClusteringHead",
+    "TextClassificationTask",
+    "classification_metrics",
+    "extract_features",
+    "load_task",
+    "load_task_file",
+    "run_baselines",
+]

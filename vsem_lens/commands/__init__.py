@@ -1,1 +1,0 @@
-"""One module per CLI command; each exposes ``register(subparsers)`` (see :mod:`vsem_lens.cli`)."""

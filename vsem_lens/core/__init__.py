@@ -1,0 +1,33 @@
+"""The foundation: model loading, ``HookedModel``, activation capture, the one logits path, streaming
+statistics, ``torch.distributed`` helpers, atomic file I/O, corpora and the error types.
+
+Nothing in ``core`` imports from another vsem-lens subpackage (see docs/architecture.md).
+"""
+
+from .capture import ActivationBatch, Activations, capture, iter_capture
+from .corpus import load_corpus
+from .errors import ArtifactError, DataError, InputError, ModelLoadError, NumericalError, VocabularyError, VsemLensError
+from .logits import Unembedding, final_distribution
+from .models import HookedModel, load_model
+from .stats import Moments, RunningScalars
+
+__all__ = [
+    "ActivationBatch",
+    "Activations",
+    "ArtifactError",
+    "DataError",
+    "HookedModel",
+    "InputError",
+    "ModelLoadError",
+    "Moments",
+    "NumericalError",
+    "RunningScalars",
+    "Unembedding",
+    "VocabularyError",
+    "VsemLensError",
+    "capture",
+    "final_distribution",
+    "iter_capture",
+    "load_corpus",
+    "load_model",
+]

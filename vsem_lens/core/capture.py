@@ -1,0 +1,313 @@
+"""Stream activations (any site, any layers) over a corpus in batches, padding removed.
+
+Sites use TransformerLens's hook names:
+
+========== ==================================== ===========================================
+site       hook                                 meaning
+========== ==================================== ===========================================
+embed      ``hook_embed``                       token embedding (layer index 0 only)
+resid_pre  ``blocks.{l}.hook_resid_pre``        residual entering block l
+resid_mid  ``blocks.{l}.hook_resid_mid``        after block l's attention
+resid_post ``blocks.{l}.hook_resid_post``       residual leaving block l (= HF hidden_states[l+1])
+attn_out   ``blocks.{l}.hook_attn_out``         block l's attention output
+mlp_out    ``blocks.{l}.hook_mlp_out``          block l's MLP output
+========== ==================================== ===========================================
+
+Only the requested hooks are attached, and each hook keeps only the non-padding tokens, so memory
+is ``layers x real tokens x d_model`` per batch and nothing else.
+
+Example:
+    >>> acts = capture(model, ["The capital of France is"], layers=[0, 29])  # doctest: +SKIP
+    >>> acts["resid_post"].shape                                           # doctest: +SKIP
+    torch.Size([2, 5, 576])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import InputError, NumericalError
+from .models import HookedModel, Tokens, check_texts
+
+SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def hook_name(site: str, layer: int) -> str:
+    """TransformerLens hook name of a site at a layer.
+
+    Example:
+        >>> hook_name("resid_post", 3)
+        'blocks.3.hook_resid_post'
+    """
+    if site == "embed":
+        return "hook_embed"
+    return f"blocks.{layer}.hook_{site}"
+
+
+def check_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate site names.
+
+    Example:
+        >>> check_sites("resid_post")
+        ('resid_post',)
+    """
+    if isinstance(sites, str):
+        sites = (sites,)
+    sites = tuple(sites)
+    if not sites:
+        raise InputError(f"no sites were given; choose from {', '.join(SITES)}.")
+    for site in sites:
+        if site not in SITES:
+            raise InputError(f"unknown site {site!r}; choose from {', '.join(SITES)}.")
+    return sites
+
+
+def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Validate layer indices (negative indices count from the end); ``None`` means all layers.
+
+    Example:
+        >>> check_layers([0, -1], 30)
+        [0, 29]
+    """
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise InputError(f"layer {layer!r} is not an integer.")
+        if not -n_layers <= layer < n_layers:
+            raise InputError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}.")
+        out.append(layer % n_layers)
+    if not out:
+        raise InputError("no layers were given; pass None for all layers.")
+    return sorted(set(out))
+
+
+@dataclass
+class ActivationBatch:
+    """Activations of one batch of texts, padding removed.
+
+    Attributes:
+        acts: per site a tensor [layer, token, d_model] over the batch's real tokens (row-major:
+            text by text, position by position).
+        layers: the layer index of each slice of dimension 0 (``[0]`` for ``embed``).
+        tokens: the batch's padded token ids and mask.
+        doc_index: global index of each real token's text.
+        positions: position of each real token in its text.
+        token_ids: id of each real token.
+    """
+
+    acts: dict[str, Float[Tensor, "layer token d_model"]]
+    layers: list[int]
+    tokens: Tokens
+    doc_index: Int[Tensor, " token"]
+    positions: Int[Tensor, " token"]
+    token_ids: Int[Tensor, " token"]
+    logits: Float[Tensor, "token d_vocab"] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of real tokens in the batch."""
+        return int(self.token_ids.numel())
+
+
+@dataclass
+class Activations:
+    """Activations of a whole (small) corpus: per site [layer, token, d_model] plus a token table.
+
+    Example:
+        >>> acts = capture(model, ["Hello world"])  # doctest: +SKIP
+        >>> acts.tokens.columns.tolist()            # doctest: +SKIP
+        ['doc', 'position', 'token_id', 'token']
+    """
+
+    acts: dict[str, Float[Tensor, "layer token d_model"]]
+    layers: list[int]
+    tokens: pd.DataFrame = field(repr=False)
+
+    def __getitem__(self, site: str) -> Float[Tensor, "layer token d_model"]:
+        if site not in self.acts:
+            raise InputError(f"site {site!r} was not captured; captured: {', '.join(self.acts)}.")
+        return self.acts[site]
+
+    def layer(self, site: str, layer: int) -> Float[Tensor, "token d_model"]:
+        """Activations of one site at one (absolute) layer index."""
+        if layer not in self.layers:
+            raise InputError(f"layer {layer} was not captured; captured layers: {self.layers}.")
+        return self[site][self.layers.index(layer)]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.acts.items())
+        return f"Activations({shapes}, layers={self.layers}, n_tokens={len(self.tokens)})"
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook to end a forward pass early (the hooks context still removes the hooks)."""
+
+
+def iter_capture(
+    model: HookedModel,
+    texts: str | Sequence[str] | Tokens,
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    keep_logits: bool = False,
+    check_finite: bool = True,
+    progress: bool = False,
+) -> Iterator[ActivationBatch]:
+    """Stream activations batch by batch (for corpora that do not fit in memory).
+
+    Args:
+        model: a :class:`~vsem_lens.core.models.HookedModel`.
+        texts: one text, a list of texts, or an already tokenised (right-padded) :class:`Tokens` batch.
+        sites: which activations (see module docstring).
+        layers: layer indices (``None`` = all). ``embed`` ignores it.
+        batch_size: texts per forward pass.
+        max_length: truncate texts to this many tokens (otherwise over-long texts are an error).
+        keep_logits: also return the model's output logits at each real token ([token, d_vocab]).
+            Without it the forward pass stops as soon as every requested hook has fired (the blocks
+            after the last captured layer and the full-vocabulary unembedding are never run).
+        check_finite: raise :class:`NumericalError` on NaN/inf activations.
+        progress: show a tqdm bar over batches.
+
+    Yields:
+        one :class:`ActivationBatch` per batch of texts.
+
+    Example:
+        >>> for batch in iter_capture(model, corpus, layers=[10]):  # doctest: +SKIP
+        ...     stats.update(batch.acts["resid_post"][0])
+    """
+    pretokenized = texts if isinstance(texts, Tokens) else None
+    n_texts = pretokenized.ids.shape[0] if pretokenized is not None else len(texts := check_texts(texts))
+    sites = check_sites(sites)
+    layer_list = check_layers(layers, model.n_layers)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    hooks = {site: [hook_name(site, layer) for layer in ([0] if site == "embed" else layer_list)] for site in sites}
+    starts = range(0, n_texts, batch_size)
+    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+        if pretokenized is not None:
+            tokens = Tokens(pretokenized.ids[start : start + batch_size], pretokenized.mask[start : start + batch_size])
+        else:
+            tokens = model.tokenize(texts[start : start + batch_size], max_length=max_length)
+        n_batch = tokens.ids.shape[0]
+        keep = tokens.mask.bool()
+        rows_cols = keep.nonzero(as_tuple=True)
+        flat_index = keep.reshape(-1).nonzero().squeeze(1).to(model.device)
+        # Each hook copies its real tokens straight into one preallocated [layer, token, d] buffer
+        # per site (no padding kept, no later stacking copy).
+        acts = {
+            site: torch.empty(len(names), flat_index.numel(), model.d_model, dtype=model.dtype, device=model.device)
+            for site, names in hooks.items()
+        }
+
+        index_on = {flat_index.device: flat_index}
+        filled: set[tuple[str, int]] = set()
+
+        def make_hook(site: str, slot: int):
+            def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
+                flat = tensor.detach().reshape(-1, tensor.shape[-1])
+                out = acts[site][slot]
+                if flat.device == out.device:
+                    torch.index_select(flat, 0, flat_index, out=out)
+                else:  # a layer on another GPU (device_map): select there, then one copy to the buffers' device
+                    if flat.device not in index_on:
+                        index_on[flat.device] = flat_index.to(flat.device)
+                    out.copy_(torch.index_select(flat, 0, index_on[flat.device]))
+                filled.add((site, slot))
+                if not keep_logits and len(filled) == n_hooks:
+                    raise _StopForward  # every buffer is full: skip the remaining blocks and the unembedding
+                return tensor
+
+            return save
+
+        fwd_hooks = [(name, make_hook(site, slot)) for site, names in hooks.items() for slot, name in enumerate(names)]
+        n_hooks = len(fwd_hooks)
+        logits = None
+        try:
+            with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+                logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
+        except _StopForward:
+            pass
+        if len(filled) < n_hooks:
+            missing = sorted({hooks[site][slot] for site, names in hooks.items() for slot in range(len(names))
+                              if (site, slot) not in filled})
+            raise NumericalError(
+                f"the hooks {', '.join(missing[:4])} did not fire; this model's hook names are not TransformerLens's."
+            )
+        if check_finite:
+            for site, tensor in acts.items():
+                # A sum is a fast multi-threaded NaN/inf test; only if it fails (or overflows) look closer.
+                if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                    raise NumericalError(
+                        f"the model produced NaN/inf activations at site {site!r} for texts "
+                        f"{start}..{start + n_batch - 1}; check the weights and dtype "
+                        "(float16 overflows are common: try dtype=torch.float32)."
+                    )
+        rows, cols = rows_cols
+        yield ActivationBatch(
+            acts=acts,
+            layers=layer_list,
+            tokens=tokens,
+            doc_index=rows + start,
+            positions=cols,
+            token_ids=tokens.ids[rows, cols],
+            logits=logits[keep.to(logits.device)] if keep_logits else None,
+        )
+
+
+def capture(
+    model: HookedModel,
+    texts: str | Sequence[str] | Tokens,
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> Activations:
+    """Capture activations of a (small) corpus into memory.
+
+    Returns per site a tensor [layer, token, d_model] over the corpus's real tokens (no padding)
+    and a token table (doc, position, token_id, token). For corpora that do not fit in memory use
+    :func:`iter_capture`.
+
+    Example:
+        >>> acts = capture(model, ["Hello world", "Hi"], sites=("resid_post", "mlp_out"))  # doctest: +SKIP
+        >>> acts["mlp_out"].shape                                                          # doctest: +SKIP
+        torch.Size([30, 3, 576])
+    """
+    parts: dict[str, list[Tensor]] = {}
+    docs, positions, ids = [], [], []
+    layer_list: list[int] = []
+    for batch in iter_capture(
+        model, texts, sites=sites, layers=layers, batch_size=batch_size, max_length=max_length, progress=progress
+    ):
+        layer_list = batch.layers
+        for site, tensor in batch.acts.items():
+            parts.setdefault(site, []).append(tensor)
+        docs.append(batch.doc_index)
+        positions.append(batch.positions)
+        ids.append(batch.token_ids)
+    token_ids = torch.cat(ids)
+    table = pd.DataFrame(
+        {
+            "doc": torch.cat(docs).numpy(),
+            "position": torch.cat(positions).numpy(),
+            "token_id": token_ids.numpy(),
+            "token": model.token_strings(token_ids),
+        }
+    )
+    acts = {site: chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1) for site, chunks in parts.items()}
+    return Activations(acts=acts, layers=layer_list, tokens=table)
