@@ -67,7 +67,7 @@ def write_corpus(path: Path, n_tokens: int, model: str) -> int:
     import vsem_lens as vl
     from transformers import AutoTokenizer
 
-    from vsem_lens.core.models import embedded_model_dir
+    from vsem_lens.core.loading import embedded_model_dir
 
     base = vl.load_corpus("default")
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()) if model == "embedded" else model)

@@ -51,7 +51,7 @@ def train_lens(vl, model, train, args):
     import hashlib
 
     from vsem_lens.core.models import cache_dir
-    from vsem_lens.lenses.tuned import TrainingConfig, TunedLens
+    from vsem_lens.lenses import TrainingConfig, TunedLens
 
     config = TrainingConfig(
         steps=args.steps, tokens_per_step=args.tokens_per_step, optimizer=args.optimizer, lr=args.lr,

@@ -98,7 +98,7 @@ def test_nan_activations_are_reported(tiny_tokenizer):
 def test_embedded_resid_post_equals_hf(embedded):
     from transformers import AutoModelForCausalLM
 
-    from vsem_lens.core.models import embedded_model_dir
+    from vsem_lens.core.loading import embedded_model_dir
 
     plain = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), attn_implementation="eager").eval()
     text = "The quick brown fox jumps over the lazy dog."

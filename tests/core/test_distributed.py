@@ -231,7 +231,7 @@ def test_sigkilled_run_resumes_to_the_same_numbers(tiny_model_dir, dir_model, re
         f"""
         import os, signal, sys
         import vsem_lens as vl
-        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         from test_distributed import ARGS, CORPUS
 
         def kill(done, total):

@@ -10,7 +10,7 @@ import torch
 import vsem_lens as vl
 from vsem_lens.taskspace import minimal_pairs as mp
 from vsem_lens.core.logits import Unembedding, effective_transform
-from vsem_lens.lenses.tuned import TrainingConfig, _Trainer
+from vsem_lens.lenses.training import TrainingConfig, TunedLensTrainer
 
 from conftest import TINY_TEXTS
 
@@ -94,7 +94,7 @@ def test_logit_lens_and_final_distribution_equal_hf_under_a_softcap(gemma2, gemm
 
 def test_tuned_lens_gradient_goes_through_the_transform(gemma2):
     cfg = TrainingConfig(steps=1, tokens_per_step=24, token_chunk=10).resolved()
-    trainer = _Trainer(gemma2, TINY_TEXTS[:3], cfg)
+    trainer = TunedLensTrainer(gemma2, TINY_TEXTS[:3], cfg)
     tr = trainer.translators
     torch.manual_seed(0)
     with torch.no_grad():

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.lenses.tuned import (
-    TrainingConfig,
-    TunedLens,
-    _Trainer,
-    find_cached_tuned_lens,
-    tuned_lens_cache_path,
-)
+from vsem_lens.lenses.training import TrainingConfig, TunedLensTrainer, assign_rows
+from vsem_lens.lenses.tuned import TunedLens, find_cached_tuned_lens, tuned_lens_cache_path
 
 from conftest import TINY_TEXTS, make_tiny_hf
 
@@ -77,7 +72,7 @@ def test_last_layer_is_exact(tiny_model, trained):
 def test_manual_gradient_matches_autograd(tiny_model):
     """The hand-written backward through the unembedding (q - p) equals autograd on the plain KL."""
     cfg = TrainingConfig(steps=1, tokens_per_step=40, token_chunk=16).resolved()
-    trainer = _Trainer(tiny_model, TRAIN, cfg)
+    trainer = TunedLensTrainer(tiny_model, TRAIN, cfg)
     tr = trainer.translators
     torch.manual_seed(0)
     with torch.no_grad():
@@ -102,11 +97,10 @@ def test_manual_gradient_matches_autograd(tiny_model):
 
 
 def test_rows_are_shared_out_by_tokens():
-    from vsem_lens.lenses.tuned import _assign_rows
 
-    assert _assign_rows([9, 5, 4, 3], 2) == [0, 1, 1, 0]
-    assert _assign_rows([7], 3) == [0]
-    assert _assign_rows([4, 4, 4], 1) == [0, 0, 0]
+    assert assign_rows([9, 5, 4, 3], 2) == [0, 1, 1, 0]
+    assert assign_rows([7], 3) == [0]
+    assert assign_rows([4, 4, 4], 1) == [0, 0, 0]
 
 
 def test_token_chunk_does_not_change_the_result(tiny_model):

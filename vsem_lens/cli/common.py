@@ -7,7 +7,9 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..core.distributed import SINGLE, rank_device, resolve_env, torchrun_env
 from ..core.errors import InputError
+from ..core.loading import load_model
 
 MODEL_HELP = "embedded (default) | hub name | local HF dir | .gguf file"
 CORPUS_HELP = "default | FILE.txt | FILE.jsonl | FILE.csv"
@@ -36,8 +38,6 @@ def start_distributed(args: argparse.Namespace, command: str):
     Raises:
         InputError: ``--distributed`` outside torchrun.
     """
-    from ..core.distributed import SINGLE, rank_device, resolve_env, torchrun_env
-
     if not getattr(args, "distributed", False):
         return SINGLE, args.device
     layout = torchrun_env()
@@ -60,10 +60,8 @@ def load_model_from_args(
 ):
     """Load ``args.model`` on ``device`` (default ``args.device``), say how long it took; ``(model, seconds)``.
 
-    ``kwargs`` go to :func:`~vsem_lens.core.models.load_model` (``dtype``, the placement options, ...).
+    ``kwargs`` go to :func:`~vsem_lens.core.loading.load_model` (``dtype``, the placement options, ...).
     """
-    from ..core.models import load_model
-
     started = time.perf_counter()
     model = load_model(args.model, device=device or args.device, prepend_bos=args.prepend_bos, **kwargs)
     seconds = time.perf_counter() - started

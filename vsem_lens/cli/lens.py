@@ -19,15 +19,17 @@ import json
 import shutil
 from pathlib import Path
 
+from ..core.corpus import load_corpus
+from ..core.distributed import destroy
 from ..core.errors import InputError
 from ..core.io import texts_digest
+from ..lenses.training import CHECKPOINT_FILE, CHECKPOINT_VERSION, TrainingConfig
+from ..lenses.tuned import TunedLens, tuned_lens_cache_path
 from .common import add_distributed_argument, add_model_arguments, load_model_from_args, messenger, start_distributed
 
 
 def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: bool) -> Path:
     """One checkpoint folder per (model, corpus content, hyper-parameters) so unrelated runs never collide."""
-    from ..lenses.tuned import CHECKPOINT_VERSION
-
     settings = json.dumps([config.to_dict(), prepend_bos, CHECKPOINT_VERSION], sort_keys=True)
     tag = texts_digest([settings, *texts], digest_size=5)
     return cache_path.parent / ".checkpoints" / f"{cache_path.name}-{tag}"
@@ -35,10 +37,6 @@ def _checkpoint_dir(cache_path: Path, config, texts: list[str], prepend_bos: boo
 
 def run_train(args: argparse.Namespace) -> int:
     """Load the model and corpus, train, save to the cache and ``--out``; prints where it went."""
-    from ..core.corpus import load_corpus
-    from ..core.distributed import destroy
-    from ..lenses.tuned import TrainingConfig
-
     quiet = bool(args.quiet)
     if args.no_cache and not args.out:
         raise InputError("--no-cache without --out would save the lens nowhere; pass --out DIR.")
@@ -62,14 +60,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config, texts: list[str], env, device: str, *, quiet: bool) -> int:
-    from ..lenses.tuned import TunedLens, tuned_lens_cache_path
-
     say = messenger(quiet)
     model, _ = load_model_from_args(args, say, device=device)
     say(f"{len(texts)} texts; {config.steps} steps x {config.tokens_per_step} tokens, {config.optimizer} lr {config.lr}")
     cache_path = tuned_lens_cache_path(model)
     checkpoints = _checkpoint_dir(cache_path, config, texts, model.prepend_bos)
-    if (checkpoints / "checkpoint.pt").is_file():
+    if (checkpoints / CHECKPOINT_FILE).is_file():
         say(f"resuming from {checkpoints}")
     if env.active:
         say(f"training on {env.world_size} ranks ({env.backend})")

@@ -11,14 +11,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Sequence
 
 from ..core.errors import VsemLensError
+from . import basis, calibrate, isotropy, lens, report
 
-COMMAND_MODULES = ("report", "basis", "isotropy", "lens", "calibrate")
+COMMAND_MODULES = (report, basis, isotropy, lens, calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vsem-lens", description="Read a language model's latent space in vocabulary coordinates."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"vsem_lens.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"vsem_lens.cli.{name}":
-                raise
-            continue  # a command not built yet
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 

@@ -7,8 +7,9 @@ Nothing in ``core`` imports from another vsem-lens subpackage (see docs/architec
 from .capture import ActivationBatch, Activations, capture, iter_capture
 from .corpus import load_corpus
 from .errors import ArtifactError, DataError, InputError, ModelLoadError, NumericalError, VocabularyError, VsemLensError
+from .loading import load_model
 from .logits import Unembedding, final_distribution
-from .models import HookedModel, load_model
+from .models import HookedModel
 from .stats import Moments, RunningScalars
 
 __all__ = [

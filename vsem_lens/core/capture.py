@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -33,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError
+from .errors import InputError, NumericalError, check_layer_index
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -78,15 +79,9 @@ def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]
     """
     if layers is None or (isinstance(layers, str) and layers == "all"):
         return list(range(n_layers))
-    if isinstance(layers, int):
+    if isinstance(layers, numbers.Integral):
         layers = [layers]
-    out = []
-    for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise InputError(f"layer {layer!r} is not an integer.")
-        if not -n_layers <= layer < n_layers:
-            raise InputError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}.")
-        out.append(layer % n_layers)
+    out = [check_layer_index(layer, n_layers) for layer in layers]
     if not out:
         raise InputError("no layers were given; pass None for all layers.")
     return sorted(set(out))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .errors import InputError
@@ -123,8 +124,6 @@ def init_distributed(
         >>> init_distributed() if "RANK" not in os.environ else None
         DistEnv(rank=0, world_size=1, local_rank=0, backend=None, device='cpu')
     """
-    import torch.distributed as dist
-
     env = torchrun_env()
     if env is None:
         return SINGLE
@@ -212,7 +211,6 @@ def _all_reduce(t: Tensor, env: DistEnv, op: str) -> Tensor:
     """``all_reduce`` with ``ReduceOp.<op>`` into a copy on the collective device, returned on ``t``'s."""
     if not env.active:
         return t
-    import torch.distributed as dist
 
     buf = t.detach().to(env.device).clone().contiguous()
     dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
@@ -281,7 +279,6 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     """
     if not env.active:
         return [obj]
-    import torch.distributed as dist
 
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
@@ -291,7 +288,6 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op in a single process)."""
     if env.active:
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -303,7 +299,6 @@ def destroy(env: DistEnv) -> None:
     collected first: freed during interpreter exit instead, they make gloo abort the process.
     """
     if env.active:
-        import torch.distributed as dist
 
         if dist.is_initialized():
             gc.collect()

@@ -84,6 +84,25 @@ class ArtifactError(VsemLensError):
     """
 
 
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer (Python or NumPy, not ``bool``) of at least ``minimum``,
+    else :class:`InputError` naming ``name``.
+
+    Example:
+        >>> import numpy as np
+        >>> check_int(np.int64(0), "ddof", minimum=0)
+        0
+        >>> check_int(2.5, "ddof")
+        Traceback (most recent call last):
+        vsem_lens.core.errors.InputError: ddof must be an integer, got 2.5.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+    return int(value)
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """``value`` as an ``int`` if it is a positive integer (Python or NumPy, not ``bool``), else
     :class:`InputError` naming ``name``.
@@ -98,3 +117,21 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_layer_index(layer: Any, n_layers: int, *, owner: str = "the model") -> int:
+    """A layer index in ``0..n_layers - 1`` (negative indices count from the end; NumPy ints accepted),
+    else :class:`InputError`.
+
+    Example:
+        >>> check_layer_index(-1, 30)
+        29
+        >>> check_layer_index(30, 30)
+        Traceback (most recent call last):
+        vsem_lens.core.errors.InputError: layer 30 is out of range: the model has layers 0..29.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise InputError(f"layer {layer!r} is not an integer.")
+    if not -n_layers <= layer < n_layers:
+        raise InputError(f"layer {layer} is out of range: {owner} has layers 0..{n_layers - 1}.")
+    return int(layer) % n_layers

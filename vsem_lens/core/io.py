@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .errors import DataError, InputError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
     """Call ``write(tmp_path)`` on a temporary path next to ``path``, then move it into place.
@@ -49,8 +51,6 @@ def iter_jsonl_objects(content: str, where: str) -> Iterator[tuple[int, dict]]:
         >>> list(iter_jsonl_objects('{"text": "a"}\\n\\n{"text": "b"}', "corpus.jsonl"))
         [(1, {'text': 'a'}), (3, {'text': 'b'})]
     """
-    from .errors import DataError
-
     for number, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
@@ -85,8 +85,6 @@ def read_user_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]
         >>> read_user_file(p, "corpus file", (".txt",), "a .txt file")[1]
         'hi'
     """
-    from .errors import DataError, InputError
-
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if not path.exists():

@@ -31,9 +31,12 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Shaped
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import ArtifactError, InputError, NumericalError
+from .distributed import all_gather_objects, all_reduce_moments
+from .errors import ArtifactError, InputError, NumericalError, check_int, check_positive_int
 from .io import atomic_write
 
 _FORMAT = "vsem_lens.Moments"
@@ -140,8 +143,6 @@ class Stat(abc.ABC):
         The default gathers every rank's :meth:`state_dict` and merges them in rank order; states with
         large tensors override it with a tensor reduction.
         """
-        from .distributed import all_gather_objects
-
         states = all_gather_objects(self.state_dict(), env)
         if len(states) <= 1:
             return
@@ -226,8 +227,6 @@ class RunningScalars(Stat):
 
     def all_reduce(self, env: Any) -> None:
         """Combine the streams of every ``torch.distributed`` rank in place (exact Chan update)."""
-        from .distributed import all_reduce_moments
-
         self.count, self.mean, self.m2 = all_reduce_moments(self.count, self.mean, self.m2, env)
 
 
@@ -253,8 +252,7 @@ class Moments(Stat):
     """
 
     def __init__(self, dim: int, *, dtype: torch.dtype = torch.float64, device: Any = None) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise InputError(f"Moments(dim=...) needs a positive integer dimension, got {dim!r}.")
+        dim = check_positive_int(dim, "Moments(dim=...)")
         if not dtype.is_floating_point:
             raise InputError(f"Moments dtype must be a floating dtype (use torch.float64), got {dtype}.")
         self.dim = dim
@@ -331,8 +329,6 @@ class Moments(Stat):
 
     def all_reduce(self, env: Any) -> None:
         """Combine the moments of every ``torch.distributed`` rank in place (exact Chan combination)."""
-        from .distributed import all_reduce_moments
-
         count = torch.tensor(float(self.count), dtype=self.mean.dtype, device=self.mean.device)
         count, self.mean, self.m2 = all_reduce_moments(count, self.mean, self.m2, env, outer=True)
         self.count = int(round(float(count)))
@@ -401,8 +397,7 @@ class Moments(Stat):
         return torch.diagonal(self.m2) / (self.count - ddof)
 
     def _check_count(self, ddof: int) -> None:
-        if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
-            raise InputError(f"ddof must be a non-negative integer, got {ddof!r}.")
+        check_int(ddof, "ddof", minimum=0)
         if self.count <= ddof:
             raise InputError(
                 f"a covariance with ddof={ddof} needs more than {ddof} point(s), but only {self.count} "
@@ -477,12 +472,9 @@ class Moments(Stat):
             >>> Moments.load(p).count
             4
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {"format": _FORMAT, "version": _FORMAT_VERSION}
-        from safetensors import SafetensorError
 
         try:
             atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mkdir=False)
@@ -505,8 +497,6 @@ class Moments(Stat):
             ...
             vsem_lens.core.errors.ArtifactError: no Moments file at /nonexistent.safetensors; ...
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(

@@ -4,7 +4,8 @@ trained ``tuned`` lenses, and :func:`resolve_frame`, which turns a frame name or
 
 from .base import FinalNormLens, Lens, RawLens
 from .frames import FRAMES, check_frame, resolve_frame
-from .tuned import TrainingConfig, TunedLens
+from .training import TrainingConfig
+from .tuned import TunedLens
 
 __all__ = [
     "FRAMES",

