@@ -36,14 +36,21 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 def _public_objects():
-    return [(name, getattr(vl, name)) for name in sorted(vl.__all__)]
+    """Every function and class exported by the top-level package or one of its subpackages."""
+    found = {}
+    for package in [vl, *(getattr(vl, name) for name in vl.__all__ if inspect.ismodule(getattr(vl, name)))]:
+        for name in package.__all__:
+            obj = getattr(package, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                found.setdefault(f"{obj.__module__}.{obj.__qualname__}", (f"{package.__name__}.{name}", obj))
+    return sorted(found.values())
 
 
 @pytest.mark.parametrize("name,obj", _public_objects(), ids=[n for n, _ in _public_objects()])
 def test_public_api_has_docstring_with_example(name, obj):
     doc = inspect.getdoc(obj) or ""
-    assert doc.strip(), f"vsem_lens.{name} has no docstring"
-    assert "Example" in doc or ">>>" in doc, f"vsem_lens.{name}'s docstring has no example"
+    assert doc.strip(), f"{name} has no docstring"
+    assert "Example" in doc or ">>>" in doc, f"{name}'s docstring has no example"
 
 
 def test_nav_pages_exist():

@@ -99,6 +99,10 @@ class ActivationBatch:
         doc_index: global index of each real token's text.
         positions: position of each real token in its text.
         token_ids: id of each real token.
+
+    Example:
+        >>> for batch in iter_capture(model, texts, layers=[0, -1]):          # doctest: +SKIP
+        ...     resid = batch.acts["resid_post"]    # [2, real tokens of the batch, d_model]
     """
 
     acts: dict[str, Float[Tensor, "layer token d_model"]]
