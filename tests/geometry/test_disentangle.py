@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.geometry.disentangle import (
+from vsem_lens.geometry import (
     affinity_sparsity_by_layer,
     basis_coherence,
     decomposition_by_layer,

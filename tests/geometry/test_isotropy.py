@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vsem_lens.core.errors import InputError, NumericalError
-from vsem_lens.geometry.isotropy import (
+from vsem_lens.geometry import (
     CosineAccumulator,
     average_cosine,
     isoscore,

@@ -9,7 +9,7 @@ import torch
 
 import vsem_lens as vl
 from vsem_lens.core.errors import InputError
-from vsem_lens.geometry.isotropy import (
+from vsem_lens.geometry import (
     IsotropyState,
     average_cosine,
     isoscore,

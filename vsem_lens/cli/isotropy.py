@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.corpus import load_corpus
     from ..core.io import atomic_write
-    from ..geometry.isotropy import isotropy_by_layer
+    from ..geometry import isotropy_by_layer
 
     say = messenger(args.quiet)
     texts = load_corpus(args.corpus)
