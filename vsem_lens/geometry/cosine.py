@@ -18,16 +18,18 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from ..core.errors import InputError, NumericalError
-from ..core.stats import select_points
+from ..core.distributed import all_reduce_sum
+from ..core.errors import ArtifactError, InputError, NumericalError, check_positive_int
+from ..core.stats import Stat, select_points
 from .metrics import CHUNK_ROWS, point_cloud
 
 
-class CosineAccumulator:
-    """Streaming, mergeable sum of unit vectors for :func:`average_cosine`.
+class CosineAccumulator(Stat):
+    """Streaming, mergeable sum of unit vectors for :func:`average_cosine` (a
+    :class:`~vsem_lens.core.stats.Stat`).
 
     Keeps ``count`` and ``total = sum_i x_i / ||x_i||`` in float64; the mean pairwise cosine of all
-    points seen is ``(||total||^2 - count) / (count (count - 1))``.
+    points seen is ``(||total||^2 - count) / (count (count - 1))`` (:meth:`result`).
 
     Example:
         >>> x = torch.randn(100, 8)
@@ -37,9 +39,7 @@ class CosineAccumulator:
     """
 
     def __init__(self, dim: int, *, device: Any = None) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise InputError(f"CosineAccumulator(dim=...) needs a positive integer, got {dim!r}.")
-        self.dim = dim
+        self.dim = check_positive_int(dim, "CosineAccumulator(dim=...)")
         self.count = 0
         self.total = torch.zeros(dim, dtype=torch.float64, device=device)
 
@@ -98,17 +98,65 @@ class CosineAccumulator:
         new.count, new.total = self.count, self.total.clone()
         return new
 
-    def value(self) -> float:
+    def result(self) -> float:
         """Mean cosine similarity over all ordered pairs of distinct points.
 
         Example:
-            >>> CosineAccumulator(2).update(torch.tensor([[1., 0.], [0., 2.]])).value()
+            >>> CosineAccumulator(2).update(torch.tensor([[1., 0.], [0., 2.]])).result()
             0.0
         """
         if self.count < 2:
             raise InputError(f"average cosine needs at least 2 points, got {self.count}.")
         n = self.count
         return float((self.total @ self.total - n) / (n * (n - 1)))
+
+    def all_reduce(self, env: Any) -> None:
+        """Sum the counts and unit-vector sums of every ``torch.distributed`` rank in place.
+
+        Example:
+            >>> from vsem_lens.core.distributed import SINGLE
+            >>> acc = CosineAccumulator(2).update(torch.ones(3, 2))
+            >>> acc.all_reduce(SINGLE); acc.count
+            3
+        """
+        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.total.device),
+                            self.total])
+        packed = all_reduce_sum(packed, env)
+        self.count, self.total = int(round(float(packed[0]))), packed[1:].clone()
+
+    def empty_like(self) -> CosineAccumulator:
+        """A fresh, empty accumulator of the same width and device.
+
+        Example:
+            >>> CosineAccumulator(3).empty_like().count
+            0
+        """
+        return CosineAccumulator(self.dim, device=self.total.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``dim``, ``count`` and ``total`` (a copy), for checkpoints.
+
+        Example:
+            >>> sorted(CosineAccumulator(2).state_dict())
+            ['count', 'dim', 'total']
+        """
+        return {"dim": self.dim, "count": self.count, "total": self.total.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (same width).
+
+        Example:
+            >>> acc = CosineAccumulator(2); acc.load_state_dict(CosineAccumulator(2).update(torch.ones(2, 2)).state_dict())
+            >>> acc.count
+            2
+        """
+        try:
+            dim, count, total = int(state["dim"]), int(state["count"]), state["total"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"not a CosineAccumulator state dict ({exc!r}); build it with state_dict().") from None
+        if dim != self.dim or tuple(total.shape) != (self.dim,):
+            raise ArtifactError(f"the saved CosineAccumulator has width {dim}, this one {self.dim}.")
+        self.count, self.total = count, total.to(device=self.total.device, dtype=torch.float64).clone()
 
 
 def average_cosine(
@@ -131,7 +179,7 @@ def average_cosine(
         0.471405
     """
     if isinstance(x, CosineAccumulator):
-        return x.value()
+        return x.result()
     x = point_cloud(x)
     if max_points is not None:
         if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
@@ -142,5 +190,5 @@ def average_cosine(
     acc = CosineAccumulator(x.shape[1], device=x.device)
     for start in range(0, x.shape[0], CHUNK_ROWS):
         acc.update(x[start : start + CHUNK_ROWS])
-    return acc.value()
+    return acc.result()
 

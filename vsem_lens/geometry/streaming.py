@@ -359,7 +359,7 @@ class IsotropyState(Stat):
                     "n_tokens": n_tok,
                     "isoscore": float(isoscore_of_covariance(cov)),
                     "isoscore_star": float(isoscore_of_covariance((1.0 - zeta) * cov + zeta * c0)),
-                    "average_cosine": self.cosines(site, layer, frame).value(),
+                    "average_cosine": self.cosines(site, layer, frame).result(),
                     "participation_ratio": float(s1 * s1 / s2),
                     "outlier_dims": idx.tolist(),
                     "outlier_shares": share.tolist(),
