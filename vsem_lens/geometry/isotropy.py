@@ -10,14 +10,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from .streaming import ISOTROPY_FRAMES, IsotropyState, check_result_options
+import pandas as pd
 
-if TYPE_CHECKING:  # annotations only
-    import pandas as pd
-
-    from ..core.models import HookedModel
+from ..core.capture import iter_capture
+from ..core.models import HookedModel
+from ..lenses.base import Lens
+from .streaming import DEFAULT_ISOTROPY_FRAMES, IsotropyState, check_result_options
 
 
 def isotropy_by_layer(
@@ -25,7 +25,7 @@ def isotropy_by_layer(
     texts: str | Sequence[str],
     *,
     sites: str | Sequence[str] = ("resid_post",),
-    frames: str | Sequence[str] = ISOTROPY_FRAMES,
+    frames: str | Lens | Sequence[str | Lens] = DEFAULT_ISOTROPY_FRAMES,
     layers: int | Sequence[int] | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
@@ -42,10 +42,13 @@ def isotropy_by_layer(
     enters (capture removes it). Tokenisation follows the model's rule (see :mod:`vsem_lens.core.models`).
 
     Frames: ``raw`` is the activation as captured; ``final_norm`` applies the model's own final norm to
-    each token vector (the logit-lens frame, where the semantic bases live). The final norm rescales a
-    whole residual state, so ``final_norm`` rows are produced for residual sites only (``embed``,
-    ``resid_pre``, ``resid_mid``, ``resid_post``); block outputs (``attn_out``, ``mlp_out``) get ``raw``
-    rows only, and asking for a block output with no applicable frame is an error.
+    each token vector (the logit-lens frame, where the semantic bases live); ``tuned`` applies the
+    cached tuned lens of the model; a :class:`~vsem_lens.lenses.base.Lens` object is applied as it is
+    (``lens(h, layer)``) and its rows are labelled with its ``frame`` attribute (or its class name). A
+    lens maps a whole residual state, so rows in frames other than ``raw`` are produced for residual
+    sites only (``embed``, ``resid_pre``, ``resid_mid``, ``resid_post``; ``embed`` is passed as layer 0);
+    block outputs (``attn_out``, ``mlp_out``) get ``raw`` rows only, and asking for a block output with no
+    applicable frame is an error.
 
     IsoScore* (Rudman & Eickhoff 2024) shrinks the covariance towards a reference ``C0``:
     ``Sigma = (1 - zeta) C + zeta C0``. Over a whole corpus the authors' data-driven ``C0`` (the
@@ -60,7 +63,8 @@ def isotropy_by_layer(
         model: a :class:`~vsem_lens.core.models.HookedModel`.
         texts: one text or a list of texts.
         sites: activation sites (see :mod:`vsem_lens.core.capture`).
-        frames: ``raw`` and/or ``final_norm``.
+        frames: frame names (``raw``, ``final_norm``, ``tuned``) and/or :class:`~vsem_lens.lenses.base.Lens`
+            objects.
         layers: layer indices (``None`` = all; negative count from the end).
         batch_size, max_length, progress: as in :func:`~vsem_lens.core.capture.iter_capture`.
         k_outliers: number of highest-variance coordinate dimensions to report.
@@ -80,8 +84,6 @@ def isotropy_by_layer(
         >>> df = isotropy_by_layer(model, corpus, layers=[0, 15, 29])       # doctest: +SKIP
         >>> df.query("frame == 'raw'")[["layer", "isoscore", "outlier_dims"]]  # doctest: +SKIP
     """
-    from ..core.capture import iter_capture
-
     state = IsotropyState.for_model(model, sites=sites, frames=frames, layers=layers)
     check_result_options(k_outliers, zeta, star_reference, model.d_model)  # fail before the long pass
     for batch in iter_capture(

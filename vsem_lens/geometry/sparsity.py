@@ -26,6 +26,7 @@ from ..core.stats import RunningScalars
 from ..lenses.base import Lens
 from ..readout.affinity import basis_and_lens, vocab_affinity
 from ..readout.basis import SemanticBasis
+from .frames import frame_name
 
 LN2 = math.log(2.0)
 
@@ -70,6 +71,19 @@ def affinity_sparsity_by_layer(
     in chunks of ``token_chunk`` (memory ``token_chunk x d_vocab``); a [layers, tokens, vocab] tensor
     is never built.
 
+    Args:
+        model: a :class:`~vsem_lens.core.models.HookedModel`.
+        texts: one text or a list of texts.
+        frame: a frame name (``raw``, ``final_norm``, ``tuned``) or any :class:`~vsem_lens.lenses.base.Lens`,
+            resolved by :func:`~vsem_lens.lenses.frames.resolve_frame`; the ``frame`` column holds its name
+            (:func:`~vsem_lens.geometry.frames.frame_name`).
+        k: size of the top-k mass.
+        layers: layer indices (``None`` = all).
+        basis: the semantic basis to read affinities against (built in ``frame`` when not given; a Lens
+            gets the ``final_norm`` basis).
+        batch_size, max_length, progress: as in :func:`~vsem_lens.core.capture.iter_capture`.
+        token_chunk: tokens per working block.
+
     Returns:
         A tidy DataFrame: ``layer, readout`` (``affinity``/``lens``), ``frame, k, n_tokens,
         max_entropy_bits, entropy_bits_mean, entropy_bits_std, topk_mass_mean, topk_mass_std,
@@ -83,7 +97,7 @@ def affinity_sparsity_by_layer(
         raise InputError(f"k must be an integer between 1 and {model.d_vocab}, got {k!r}.")
     check_positive_int(token_chunk, "token_chunk")
     layer_list = check_layers(layers, model.n_layers)
-    frame_name = frame.frame if isinstance(frame, Lens) else frame
+    name = frame_name(frame)
     if basis is not None and not isinstance(basis, SemanticBasis):
         raise InputError(f"basis must be a SemanticBasis, got {type(basis).__name__}.")
     basis, lens = basis_and_lens(model, frame, basis)
@@ -112,7 +126,7 @@ def affinity_sparsity_by_layer(
             row = {
                 "layer": layer,
                 "readout": readout,
-                "frame": frame_name,
+                "frame": name,
                 "k": k,
                 "n_tokens": int(running["entropy_bits"].count[t, r]),
                 "max_entropy_bits": math.log2(model.d_vocab),

@@ -1,5 +1,9 @@
 """The streamed, mergeable isotropy state of many (site, layer, frame) point clouds at once
-(:class:`IsotropyState`), and the checks of its keys and result options.
+(:class:`IsotropyState`), and the check of its result options.
+
+A frame is a name (``raw``, ``final_norm``, ``tuned``) or any :class:`~vsem_lens.lenses.base.Lens`; the
+state keeps the lens of every non-raw frame and applies it, layer by layer, to the raw activations it
+is fed (see :mod:`vsem_lens.geometry.frames`).
 
 Example:
     >>> state = IsotropyState([("resid_post", 0, "raw")], d_model=4)
@@ -9,27 +13,25 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.errors import InputError, NumericalError
+from ..core.capture import SITES, ActivationBatch, check_layers, check_sites
+from ..core.distributed import all_reduce_moments, all_reduce_sum
+from ..core.errors import ArtifactError, InputError, NumericalError
+from ..core.models import HookedModel
 from ..core.stats import Moments, Stat, as_tensor, chan_combine
+from ..lenses.base import Lens
 from .cosine import CosineAccumulator
+from .frames import RESIDUAL_SITES, check_site_frame, frame_order, resolve_frames
 from .metrics import check_zeta, covariance_traces, isoscore_of_covariance
 
-if TYPE_CHECKING:  # annotations only
-    import pandas as pd
-
-    from ..core.capture import ActivationBatch
-    from ..core.models import HookedModel
-
-#: Sites whose activations are residual-stream states: the ``final_norm`` frame applies only to these.
-RESIDUAL_SITES = ("embed", "resid_pre", "resid_mid", "resid_post")
-#: Frames :func:`isotropy_by_layer` supports (see :mod:`vsem_lens.lenses.base`).
-ISOTROPY_FRAMES = ("raw", "final_norm")
+#: Frames :func:`~vsem_lens.geometry.isotropy.isotropy_by_layer` reads by default.
+DEFAULT_ISOTROPY_FRAMES = ("raw", "final_norm")
 #: Shrinkage targets for IsoScore* in :func:`isotropy_by_layer`.
 STAR_REFERENCES = ("scaled_identity", "identity")
 
@@ -53,11 +55,15 @@ class IsotropyState(Stat):
     batches or shards (up to float64 rounding).
 
     Args:
-        keys: the ``(site, layer, frame)`` triples to track; ``frame`` in ``raw`` / ``final_norm``
-            (``final_norm`` only for residual sites, see :data:`RESIDUAL_SITES`).
+        keys: the ``(site, layer, frame)`` triples to track; ``frame`` is a frame name (frames other
+            than ``raw`` apply to residual sites only, see
+            :data:`~vsem_lens.geometry.frames.RESIDUAL_SITES`).
         d_model: width of the points.
-        final_norm: the function applying the model's final norm (``model.final_norm``); needed by
-            :meth:`update` when a ``final_norm`` key is tracked, not by :meth:`merge`/:meth:`result`.
+        lenses: ``{frame name: Lens}`` for the non-raw frames; needed by :meth:`update` (which calls
+            ``lens(h, layer)`` on each layer's raw activations), not by :meth:`merge`/:meth:`result`.
+            :meth:`for_model` fills it from frame names or lenses.
+        final_norm: shorthand for the ``final_norm`` lens: the function applying the model's final norm
+            (``model.final_norm``).
 
     Example:
         >>> state = IsotropyState.for_model(model, layers=[0, 5])                  # doctest: +SKIP
@@ -71,7 +77,8 @@ class IsotropyState(Stat):
         keys: Sequence[tuple[str, int, str]],
         d_model: int,
         *,
-        final_norm: Any = None,
+        lenses: Mapping[str, Lens] | None = None,
+        final_norm: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         keys = [(str(s), int(layer), str(f)) for s, layer, f in keys]
         if not keys:
@@ -79,17 +86,20 @@ class IsotropyState(Stat):
         if len(set(keys)) != len(keys):
             raise InputError("IsotropyState keys must be distinct (site, layer, frame) triples.")
         for site, _, frame in keys:
-            _check_site_frame(site, frame)
+            check_site_frame(site, frame)
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 2:
             raise InputError(f"d_model must be an integer >= 2, got {d_model!r}.")
         # Order keys by (site, frame, layer) so every (site, frame) group is a contiguous slice.
-        from ..core.capture import SITES
-
         self.keys: list[tuple[str, int, str]] = sorted(
-            keys, key=lambda k: (SITES.index(k[0]), ISOTROPY_FRAMES.index(k[2]), k[1])
+            keys, key=lambda k: (SITES.index(k[0]), frame_order(k[2]), k[1])
         )
         self.d_model = d_model
-        self.final_norm = final_norm
+        self.lenses: dict[str, Lens] = dict(lenses or {})
+        for name, lens in self.lenses.items():
+            if not isinstance(lens, Lens):
+                raise InputError(f"lenses[{name!r}] must be a Lens, got {type(lens).__name__}.")
+        if final_norm is not None:
+            self.lenses.setdefault("final_norm", _FunctionLens(final_norm))
         n = len(self.keys)
         self.count = torch.zeros(n, dtype=torch.int64)
         self.mean = torch.zeros(n, d_model, dtype=torch.float64)
@@ -103,32 +113,34 @@ class IsotropyState(Stat):
         model: HookedModel,
         *,
         sites: str | Sequence[str] = ("resid_post",),
-        frames: str | Sequence[str] = ISOTROPY_FRAMES,
+        frames: str | Lens | Sequence[str | Lens] = DEFAULT_ISOTROPY_FRAMES,
         layers: int | Sequence[int] | None = None,
     ) -> "IsotropyState":
-        """An empty state for ``model``'s sites x layers x frames (``final_norm`` on residual sites only).
+        """An empty state for ``model``'s sites x layers x frames (non-raw frames on residual sites only).
+
+        ``frames`` are names (resolved by :func:`~vsem_lens.lenses.frames.resolve_frame`: ``tuned`` needs a
+        cached tuned lens) or :class:`~vsem_lens.lenses.base.Lens` objects, recorded under
+        :func:`~vsem_lens.geometry.frames.frame_name`.
 
         Example:
             >>> IsotropyState.for_model(model, sites=("resid_post", "mlp_out"), layers=[3]).keys  # doctest: +SKIP
             [('resid_post', 3, 'raw'), ('resid_post', 3, 'final_norm'), ('mlp_out', 3, 'raw')]
         """
-        from ..core.capture import check_layers, check_sites
-
         sites = check_sites(sites)
-        frames = _check_frames(frames)
+        lenses = resolve_frames(frames, model)
         layer_list = check_layers(layers, model.n_layers)
         keys = []
         for site in sites:
-            usable = [f for f in frames if f == "raw" or site in RESIDUAL_SITES]
+            usable = [f for f in lenses if f == "raw" or site in RESIDUAL_SITES]
             if not usable:
                 raise InputError(
-                    f"site {site!r} is a block output, not a residual state, so the 'final_norm' frame does "
-                    f"not apply to it (the final norm rescales the whole residual); add 'raw' to frames."
+                    f"site {site!r} is a block output, not a residual state, so the frames {list(lenses)} do "
+                    f"not apply to it (a lens maps a whole residual state); add 'raw' to frames."
                 )
             for frame in usable:
                 for layer in [0] if site == "embed" else layer_list:
                     keys.append((site, layer, frame))
-        return cls(keys, model.d_model, final_norm=model.final_norm)
+        return cls(keys, model.d_model, lenses={k: v for k, v in lenses.items() if k != "raw"})
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -185,7 +197,7 @@ class IsotropyState(Stat):
     ) -> "IsotropyState":
         """Fold raw activations of one site (layer by layer, [layer, token, d_model]) into ``frame``'s keys.
 
-        ``points`` are the *raw* activations; the ``final_norm`` frame applies the final norm here.
+        ``points`` are the *raw* activations; a non-raw frame applies its lens here, layer by layer.
 
         Example:
             >>> state.update_points("resid_post", "raw", [0, 5], acts["resid_post"])  # doctest: +SKIP
@@ -203,14 +215,18 @@ class IsotropyState(Stat):
         n_tok = points.shape[1]
         if n_tok == 0:
             return self
-        if frame == "final_norm" and self.final_norm is None:
-            raise InputError("this state has no final_norm function; build it with IsotropyState.for_model(model).")
+        lens = None if frame == "raw" else self.lenses.get(frame)
+        if frame != "raw" and lens is None:
+            raise InputError(
+                f"this state has no lens for frame {frame!r}; build it with IsotropyState.for_model(model, "
+                "frames=...) or pass lenses={name: lens}."
+            )
         step = max(1, _FOLD_ELEMENTS // max(1, n_tok * self.d_model))
         for a in range(0, len(slots), step):
             chunk = points[a : a + step].detach()
-            if frame == "final_norm":
+            if lens is not None:
                 with torch.no_grad():
-                    chunk = self.final_norm(chunk)
+                    chunk = torch.stack([lens(h, int(layer)) for h, layer in zip(chunk, layers[a : a + step])])
             # Contiguous runs of slots map to slices of the stacked state (always the case when called
             # from update(), whose layers follow key order).
             idx = slots[a : a + step]
@@ -273,20 +289,18 @@ class IsotropyState(Stat):
 
     def all_reduce(self, env: Any) -> None:
         """Combine the states of every ``torch.distributed`` rank in place (exact Chan update)."""
-        from ..core.distributed import all_reduce_moments, all_reduce_sum
-
         count, self.mean, self.m2 = all_reduce_moments(self.count, self.mean, self.m2, env, outer=True)
         self.count = count.to(torch.int64)
         self.cos_total = all_reduce_sum(self.cos_total.to(torch.float64), env)
 
     def copy(self) -> "IsotropyState":
-        """An independent copy (sharing the final-norm function).
+        """An independent copy (sharing the lenses).
 
         Example:
             >>> state.copy().merge(state).count[0] == 2 * state.count[0]  # doctest: +SKIP
             tensor(True)
         """
-        new = IsotropyState(self.keys, self.d_model, final_norm=self.final_norm)
+        new = IsotropyState(self.keys, self.d_model, lenses=self.lenses)
         new.count, new.mean = self.count.clone(), self.mean.clone()
         new.m2, new.cos_total = self.m2.clone(), self.cos_total.clone()
         return new
@@ -329,8 +343,6 @@ class IsotropyState(Stat):
             >>> state.result(k_outliers=3).columns.tolist()[:4]  # doctest: +SKIP
             ['layer', 'site', 'frame', 'n_tokens']
         """
-        import pandas as pd
-
         zeta = check_result_options(k_outliers, zeta, star_reference, self.d_model)
         rows = []
         for site, layer, frame in self.keys:
@@ -379,7 +391,7 @@ class IsotropyState(Stat):
         scatter matrices are ``keys x d_model^2`` float64: a checkpoint need not copy them first).
 
         Example:
-            >>> IsotropyState.from_state_dict(state.state_dict(), final_norm=model.final_norm)  # doctest: +SKIP
+            >>> IsotropyState.from_state_dict(state.state_dict(), lenses=state.lenses)  # doctest: +SKIP
         """
         copy = (lambda t: t.clone()) if clone else (lambda t: t)
         return {
@@ -389,16 +401,23 @@ class IsotropyState(Stat):
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, final_norm: Any = None) -> "IsotropyState":
-        """Rebuild a state from :meth:`state_dict` output.
+    def from_state_dict(
+        cls,
+        state: dict[str, Any],
+        *,
+        lenses: Mapping[str, Lens] | None = None,
+        final_norm: Callable[[Tensor], Tensor] | None = None,
+    ) -> "IsotropyState":
+        """Rebuild a state from :meth:`state_dict` output (``lenses``/``final_norm`` as in the constructor;
+        only needed to keep updating it).
 
         Example:
             >>> s2 = IsotropyState.from_state_dict(state.state_dict())  # doctest: +SKIP
         """
-        from ..core.errors import ArtifactError
-
         try:
-            new = cls([tuple(k) for k in state["keys"]], int(state["d_model"]), final_norm=final_norm)
+            new = cls(
+                [tuple(k) for k in state["keys"]], int(state["d_model"]), lenses=lenses, final_norm=final_norm
+            )
             tensors = {name: state[name] for name in ("count", "mean", "m2", "cos_total")}
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"not an IsotropyState state dict ({exc!r}); build it with state_dict().") from None
@@ -418,10 +437,8 @@ class IsotropyState(Stat):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output in place (same keys and width; validated)."""
-        loaded = IsotropyState.from_state_dict(state, final_norm=self.final_norm)
+        loaded = IsotropyState.from_state_dict(state, lenses=self.lenses)
         if loaded.keys != self.keys or loaded.d_model != self.d_model:
-            from ..core.errors import ArtifactError
-
             raise ArtifactError("the saved isotropy state tracks other (site, layer, frame) keys or another width.")
         self.count, self.mean, self.m2, self.cos_total = loaded.count, loaded.mean, loaded.m2, loaded.cos_total
 
@@ -444,30 +461,14 @@ def check_result_options(k_outliers: Any, zeta: Any, star_reference: Any, d_mode
     return zeta
 
 
-def _check_frames(frames: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(frames, str):
-        frames = (frames,)
-    frames = tuple(frames)
-    if not frames:
-        raise InputError(f"no frames were given; choose from {', '.join(ISOTROPY_FRAMES)}.")
-    for frame in frames:
-        if frame not in ISOTROPY_FRAMES:
-            hint = (
-                " (the tuned frame is not supported by isotropy analyses yet)" if frame == "tuned" else ""
-            )
-            raise InputError(f"unknown frame {frame!r}{hint}; choose from {', '.join(ISOTROPY_FRAMES)}.")
-    return tuple(dict.fromkeys(frames))
+class _FunctionLens(Lens):
+    """The ``final_norm`` frame given as a bare function (the ``final_norm=`` shorthand)."""
 
+    frame = "final_norm"
 
-def _check_site_frame(site: str, frame: str) -> None:
-    from ..core.capture import SITES
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
+        self.function = function
 
-    if site not in SITES:
-        raise InputError(f"unknown site {site!r}; choose from {', '.join(SITES)}.")
-    _check_frames(frame)
-    if frame == "final_norm" and site not in RESIDUAL_SITES:
-        raise InputError(
-            f"the 'final_norm' frame applies to residual sites ({', '.join(RESIDUAL_SITES)}), not {site!r}; "
-            "use frame 'raw' for block outputs."
-        )
-
+    def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_model"]:
+        """Apply the function, whatever the layer."""
+        return self.function(h)
