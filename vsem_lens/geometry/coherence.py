@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..core.errors import ArtifactError, InputError
+from ..core.errors import ArtifactError, InputError, check_positive_int
 from ..readout.affinity import vocabulary_strings
 from ..readout.basis import SemanticBasis
 
@@ -72,8 +73,6 @@ class BasisCoherence:
 
     def _repr_html_(self) -> str:
         """Jupyter rendering: the summary table and the tokens at both leverage extremes."""
-        import html
-
         summary_cols = [c for c in ("which", "n_vectors", "n_pairs", "mean_cos", "mean_abs_cos", "max_abs_cos",
                                     "max_pair_tokens", "q50_abs_cos", "q99_abs_cos") if c in self.summary]
         parts = [
@@ -181,6 +180,7 @@ def _hist_quantile(counts: Tensor, q: float) -> float:
     return (k + min(max(frac, 0.0), 1.0)) / counts.numel()
 
 
+# Long only through its docstring: the histogram and leverage tables are built by the helpers below.
 def basis_coherence(
     basis: SemanticBasis,
     *,
@@ -216,9 +216,10 @@ def basis_coherence(
         raise InputError(f"basis_coherence expects a SemanticBasis, got {type(basis).__name__}.")
     if basis.model is None:
         raise ArtifactError("this basis has no model attached; load it with SemanticBasis.load(path, model=model).")
-    for name, value, low in (("sample", sample, 2), ("bins", bins, 1), ("n_extremes", n_extremes, 1), ("chunk", chunk, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 2:
+        raise InputError(f"sample must be an integer >= 2, got {sample!r}.")
+    for name, value in (("bins", bins), ("n_extremes", n_extremes), ("chunk", chunk)):
+        check_positive_int(value, name)
     model = basis.model
     V = basis.d_vocab
     generator = torch.Generator().manual_seed(int(seed))
@@ -246,33 +247,14 @@ def basis_coherence(
         for q, value in stats["quantiles"].items():
             row[f"q{str(q)[2:]:0<2}_abs_cos"] = value
         summary_rows.append(row)
-        counts = stats["hist"]
-        for b in range(bins):
-            hist_rows.append(
-                {
-                    "which": which,
-                    "bin": b,
-                    "bin_left": float(edges[b]),
-                    "bin_right": float(edges[b + 1]),
-                    "bin_center": float(edges[b] + edges[b + 1]) / 2,
-                    "count": int(counts[b]),
-                    "fraction": float(counts[b]) / stats["n_pairs"],
-                }
-            )
+        hist_rows.extend(_histogram_rows(which, stats["hist"], edges, stats["n_pairs"]))
     leverage = basis.leverage().cpu()
-    strings = vocabulary_strings(model)
-    lev_df = pd.DataFrame({"token_id": range(V), "token": strings, "leverage": leverage.numpy()})
-    order = torch.argsort(leverage, descending=True, stable=True)
-    n_ext = min(n_extremes, V)
-    ext_rows = []
-    for end, picks in (("high", order[:n_ext]), ("low", order.flip(0)[:n_ext])):
-        for rank, i in enumerate(picks.tolist()):
-            ext_rows.append({"end": end, "rank": rank, "token_id": i, "token": strings[i], "leverage": float(leverage[i])})
+    lev_df, ext_df = _leverage_tables(leverage, vocabulary_strings(model), n_extremes)
     return BasisCoherence(
         summary=pd.DataFrame(summary_rows),
         histogram=pd.DataFrame(hist_rows),
         leverage=lev_df,
-        leverage_extremes=pd.DataFrame(ext_rows),
+        leverage_extremes=ext_df,
         sample_ids=ids,
         seed=int(seed),
         d_model=basis.d_model,
@@ -286,3 +268,31 @@ def basis_coherence(
         },
     )
 
+
+def _histogram_rows(which: str, counts: Tensor, edges: Tensor, n_pairs: int) -> list[dict[str, Any]]:
+    """The tidy histogram rows of one ``which`` (see :attr:`BasisCoherence.histogram`)."""
+    return [
+        {
+            "which": which,
+            "bin": b,
+            "bin_left": float(edges[b]),
+            "bin_right": float(edges[b + 1]),
+            "bin_center": float(edges[b] + edges[b + 1]) / 2,
+            "count": int(counts[b]),
+            "fraction": float(counts[b]) / n_pairs,
+        }
+        for b in range(counts.numel())
+    ]
+
+
+def _leverage_tables(leverage: Tensor, strings: list[str], n_extremes: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The leverage of every token and the ``n_extremes`` tokens at each end (see :class:`BasisCoherence`)."""
+    V = leverage.numel()
+    lev_df = pd.DataFrame({"token_id": range(V), "token": strings, "leverage": leverage.numpy()})
+    order = torch.argsort(leverage, descending=True, stable=True)
+    n_ext = min(n_extremes, V)
+    ext_rows = []
+    for end, picks in (("high", order[:n_ext]), ("low", order.flip(0)[:n_ext])):
+        for rank, i in enumerate(picks.tolist()):
+            ext_rows.append({"end": end, "rank": rank, "token_id": i, "token": strings[i], "leverage": float(leverage[i])})
+    return lev_df, pd.DataFrame(ext_rows)

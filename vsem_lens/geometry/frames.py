@@ -58,8 +58,14 @@ def resolve_frames(frames: str | Lens | Sequence[str | Lens], model: Any) -> dic
 
     Example:
         >>> from vsem_lens.lenses.base import RawLens
-        >>> resolve_frames(["raw", RawLens()], None)
+        >>> resolve_frames(["raw", "raw"], None)
         {'raw': RawLens()}
+        >>> class Halved(RawLens):
+        ...     frame = "halved"
+        ...     def forward(self, h, layer):
+        ...         return h / 2
+        >>> list(resolve_frames(["raw", Halved()], None))
+        ['raw', 'halved']
     """
     if isinstance(frames, (str, Lens)):
         frames = (frames,)

@@ -120,6 +120,14 @@ def affinity_sparsity_by_layer(
                     lens_out, _ = _softmax_stats(model.unembed(h), k)
                     for key, value in lens_out.items():
                         running[key].update(value, (t, 1))
+    return _sparsity_table(running, layer_list, name, k, model.d_vocab)
+
+
+def _sparsity_table(
+    running: dict[str, RunningScalars], layer_list: list[int], name: str, k: int, d_vocab: int
+) -> pd.DataFrame:
+    """The tidy table of :func:`affinity_sparsity_by_layer` from its running (layer, readout) statistics."""
+    keys = tuple(running)
     rows = []
     for t, layer in enumerate(layer_list):
         for r, readout in enumerate(("affinity", "lens")):
@@ -129,7 +137,7 @@ def affinity_sparsity_by_layer(
                 "frame": name,
                 "k": k,
                 "n_tokens": int(running["entropy_bits"].count[t, r]),
-                "max_entropy_bits": math.log2(model.d_vocab),
+                "max_entropy_bits": math.log2(d_vocab),
             }
             for key in keys:
                 nan = readout == "lens" and key == "top1_cosine"
