@@ -1,4 +1,4 @@
-"""Tests of vsem_lens.geometry.isotropy: exact oracles, invariances, the PyPI isoscore package, I-STAR gradients."""
+"""Tests of vsem_lens.geometry.metrics, .istar and .cosine: exact oracles, invariances, the PyPI isoscore package, I-STAR gradients."""
 
 from __future__ import annotations
 
