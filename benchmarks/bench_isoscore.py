@@ -1,4 +1,4 @@
-"""Benchmark: streaming ``vsem_lens.geometry.isotropy.isoscore`` vs the PyPI ``isoscore`` package (CPU).
+"""Benchmark: streaming ``vsem_lens.geometry.metrics.isoscore`` vs the PyPI ``isoscore`` package (CPU).
 
 Both sides see the same float32 points [N, 576] (SmolLM2's d_model): an anisotropic cloud with a few
 outlier dimensions, one with a mean of 300, generated chunk by chunk from a seed. Ours streams the
@@ -84,8 +84,8 @@ def chunk_sizes(n_points: int):
 def worker_ours(n_points: int, dim: int, seed: int) -> dict:
     import torch
 
-    from vsem_lens.geometry.isotropy import isoscore
     from vsem_lens.core.stats import Moments
+    from vsem_lens.geometry.metrics import isoscore
 
     torch.set_grad_enabled(False)
     mem = PeakRSS()

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.geometry.disentangle import (
+from vsem_lens.geometry import (
     affinity_sparsity_by_layer,
     basis_coherence,
     decomposition_by_layer,
     pairwise_cosine_stats,
 )
 from vsem_lens.core.errors import ArtifactError, InputError
+from vsem_lens.lenses.base import Lens
+from vsem_lens.lenses.tuned import TunedLens
 
 from conftest import TINY_TEXTS
 
@@ -140,17 +142,43 @@ def test_basis_coherence_errors(tiny_model, tiny_basis):
 # ------------------------------------------------------------------------------ affinity sparsity
 
 
-@pytest.mark.parametrize("frame", ["final_norm", "raw"])
+class Tilted(Lens):
+    """A custom, layer-dependent frame: the final norm, then a per-layer rotation and stretch."""
+
+    frame = "tilted"
+
+    def __init__(self, model):
+        self.model = model
+        gen = torch.Generator().manual_seed(3)
+        d = model.d_model
+        self.maps = [torch.linalg.qr(torch.randn(d, d, generator=gen))[0] * (1 + layer) for layer in range(model.n_layers)]
+
+    def forward(self, h, layer):
+        return self.model.final_norm(h) @ self.maps[layer]
+
+
+def random_tuned_lens(model):
+    gen = torch.Generator().manual_seed(4)
+    n_tr, d = model.n_layers - 1, model.d_model
+    return TunedLens(model, 0.3 * torch.randn(n_tr, d, d, generator=gen), 0.3 * torch.randn(n_tr, d, generator=gen))
+
+
+@pytest.mark.parametrize("frame", ["final_norm", "raw", "tilted", "tuned"])
 def test_affinity_sparsity_matches_brute_force(tiny_model, tiny_basis, frame):
     k = 4
+    frame_lens = {"tilted": Tilted, "tuned": random_tuned_lens}.get(frame, lambda model: None)(tiny_model)
+    basis = tiny_basis if frame_lens is not None else tiny_basis.with_frame(frame)
     df = affinity_sparsity_by_layer(
-        tiny_model, TINY_TEXTS, frame=frame, k=k, basis=tiny_basis.with_frame(frame), batch_size=4, token_chunk=9
+        tiny_model, TINY_TEXTS, frame=frame_lens or frame, k=k, basis=basis, batch_size=4, token_chunk=9
     )
     assert len(df) == 2 * tiny_model.n_layers
     resid = vl.capture(tiny_model, TINY_TEXTS)["resid_post"]
     for layer in range(tiny_model.n_layers):
         with torch.no_grad():
-            h = resid[layer] if frame == "raw" else tiny_model.final_norm(resid[layer])
+            if frame_lens is not None:  # transform the states by hand
+                h = frame_lens(resid[layer], layer)
+            else:
+                h = resid[layer] if frame == "raw" else tiny_model.final_norm(resid[layer])
         h = h.double()
         aff = torch.nn.functional.normalize(h, dim=-1) @ torch.nn.functional.normalize(
             tiny_basis.vectors.double(), dim=-1

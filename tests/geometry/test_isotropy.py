@@ -1,4 +1,4 @@
-"""Tests of vsem_lens.geometry.isotropy: exact oracles, invariances, the PyPI isoscore package, I-STAR gradients."""
+"""Tests of vsem_lens.geometry.metrics, .istar and .cosine: exact oracles, invariances, the PyPI isoscore package, I-STAR gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vsem_lens.core.errors import InputError, NumericalError
-from vsem_lens.geometry.isotropy import (
+from vsem_lens.geometry import (
     CosineAccumulator,
     average_cosine,
     isoscore,
@@ -222,7 +222,7 @@ def test_average_cosine_matches_brute_force():
     # masked streaming and subsampling
     x = torch.randn(4, 10, 6, generator=_gen(3), dtype=F64) + 1.0
     mask = torch.rand(4, 10, generator=_gen(4)) > 0.3
-    streamed = CosineAccumulator(6).update(x, mask).value()
+    streamed = CosineAccumulator(6).update(x, mask).result()
     assert streamed == pytest.approx(_brute_average_cosine(x[mask]), abs=1e-12)
     flat = x.reshape(-1, 6)
     idx = torch.randperm(40, generator=_gen(9))[:15]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pickle
 
+import pandas as pd
 import pytest
 import torch
 
 import vsem_lens as vl
 from vsem_lens.core.errors import InputError
-from vsem_lens.geometry.isotropy import (
+from vsem_lens.geometry import (
     IsotropyState,
     average_cosine,
     isoscore,
@@ -18,6 +19,9 @@ from vsem_lens.geometry.isotropy import (
     outlier_dimensions,
     participation_ratio,
 )
+
+from vsem_lens.lenses.base import Lens
+from vsem_lens.lenses.tuned import TunedLens, tuned_lens_cache_path
 
 from conftest import TINY_TEXTS
 
@@ -110,7 +114,7 @@ def test_identity_reference_and_attrs(tiny_model):
     [
         ({"sites": "resid"}, "unknown site"),
         ({"frames": "normed"}, "unknown frame"),
-        ({"frames": "tuned"}, "not supported"),
+        ({"frames": "tuned"}, "needs a trained tuned lens"),
         ({"sites": "mlp_out", "frames": "final_norm"}, "add 'raw'"),
         ({"layers": [7]}, "out of range"),
         ({"layers": []}, "no layers"),
@@ -127,6 +131,102 @@ def test_clear_errors(tiny_model, kwargs, match):
 def test_too_few_tokens(tiny_model):
     with pytest.raises(InputError, match="at least 2"):
         isotropy_by_layer(tiny_model, "A", layers=[0])
+
+
+class Stretch(Lens):
+    """A custom frame: the final norm, then a per-layer diagonal stretch and shift (not rotation or
+    scale invariant, so IsoScore sees it)."""
+
+    frame = "stretch"
+
+    def __init__(self, model):
+        self.model = model
+        gen = torch.Generator().manual_seed(1)
+        self.scale = torch.rand(model.n_layers, model.d_model, generator=gen) * 3 + 0.1
+        self.shift = torch.randn(model.n_layers, model.d_model, generator=gen)
+
+    def forward(self, h, layer):
+        return self.model.final_norm(h) * self.scale[layer] + self.shift[layer]
+
+
+def random_tuned_lens(model):
+    """A tuned lens with random (untrained) translators: a layer-dependent frame, no training needed."""
+    gen = torch.Generator().manual_seed(2)
+    n_tr, d = model.n_layers - 1, model.d_model
+    return TunedLens(model, 0.3 * torch.randn(n_tr, d, d, generator=gen), 0.3 * torch.randn(n_tr, d, generator=gen))
+
+
+def _check_frame_rows(model, df, frame_label, transform):
+    acts = vl.capture(model, TINY_TEXTS, sites=("embed", "resid_post"))
+    rows = df[df.frame == frame_label]
+    assert len(rows) == 1 + model.n_layers
+    for row in rows.itertuples():
+        raw = acts["embed"][0] if row.site == "embed" else acts.layer(row.site, row.layer)
+        with torch.no_grad():
+            x = transform(raw, row.layer)
+        assert row.n_tokens == x.shape[0]
+        assert abs(row.isoscore - isoscore(x)) <= TOL
+        assert abs(row.average_cosine - average_cosine(x)) <= TOL
+        assert row.outlier_dims == outlier_dimensions(x, k=5)[0].tolist()
+
+
+def test_custom_lens_frame_equals_transforming_by_hand(tiny_model):
+    lens = Stretch(tiny_model)
+    df = isotropy_by_layer(tiny_model, TINY_TEXTS, sites=("embed", "resid_post"), frames=("raw", lens), batch_size=3)
+    assert list(dict.fromkeys(df.frame)) == ["raw", "stretch"]
+    _check_frame_rows(tiny_model, df, "stretch", lens)
+    # The raw rows do not depend on which other frames are tracked.
+    alone = isotropy_by_layer(tiny_model, TINY_TEXTS, sites=("embed", "resid_post"), frames="raw", batch_size=3)
+    pd.testing.assert_frame_equal(df[df.frame == "raw"].reset_index(drop=True), alone, check_exact=True)
+
+
+def test_lens_without_frame_name_is_labelled_by_its_class(tiny_model):
+    class Halved(Lens):
+        def forward(self, h, layer):
+            return h / 2
+
+    df = isotropy_by_layer(tiny_model, TINY_TEXTS[:3], frames=[Halved()], layers=[1])
+    assert df.frame.tolist() == ["Halved"]
+    raw = isotropy_by_layer(tiny_model, TINY_TEXTS[:3], frames="raw", layers=[1])
+    assert df.isoscore.iloc[0] == pytest.approx(raw.isoscore.iloc[0], abs=TOL)  # IsoScore is scale invariant
+
+
+def test_tuned_frame_by_lens_and_by_cached_name(tiny_model, tmp_path, monkeypatch):
+    lens = random_tuned_lens(tiny_model)
+    by_lens = isotropy_by_layer(tiny_model, TINY_TEXTS, sites=("embed", "resid_post"), frames=[lens], batch_size=3)
+    _check_frame_rows(tiny_model, by_lens, "tuned", lens)
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path / "cache"))
+    lens.save(tuned_lens_cache_path(tiny_model))
+    by_name = isotropy_by_layer(tiny_model, TINY_TEXTS, sites=("embed", "resid_post"), frames="tuned", batch_size=3)
+    pd.testing.assert_frame_equal(by_name, by_lens, check_exact=True)
+
+
+def test_state_with_lenses_given_directly(tiny_model):
+    lens = Stretch(tiny_model)
+    acts = vl.capture(tiny_model, TINY_TEXTS)["resid_post"]
+    layers = list(range(tiny_model.n_layers))
+    state = IsotropyState([("resid_post", layer, "stretch") for layer in layers], tiny_model.d_model,
+                          lenses={"stretch": lens})
+    state.update_points("resid_post", "stretch", layers, acts)
+    by_hand = IsotropyState([("resid_post", layer, "raw") for layer in layers], tiny_model.d_model)
+    with torch.no_grad():
+        by_hand.update_points("resid_post", "raw", layers, torch.stack([lens(acts[i], i) for i in layers]))
+    cols = ["isoscore", "isoscore_star", "average_cosine", "participation_ratio", "outlier_variance_share"]
+    assert (state.result()[cols] - by_hand.result()[cols]).abs().max().max() <= TOL
+    # A frame with no lens is refused at update, while merge/result/state_dict need none.
+    bare = IsotropyState.from_state_dict(state.state_dict())
+    assert bare.result().equals(state.result())
+    with pytest.raises(InputError, match="no lens for frame 'stretch'"):
+        bare.update_points("resid_post", "stretch", layers, acts)
+
+
+def test_frame_errors(tiny_model):
+    with pytest.raises(InputError, match="distinct frame names"):
+        isotropy_by_layer(tiny_model, TINY_TEXTS[:1], frames=[Stretch(tiny_model), Stretch(tiny_model)])
+    with pytest.raises(InputError, match="add 'raw'"):
+        isotropy_by_layer(tiny_model, TINY_TEXTS[:1], sites="attn_out", frames=[Stretch(tiny_model)])
+    with pytest.raises(InputError, match="no frames"):
+        isotropy_by_layer(tiny_model, TINY_TEXTS[:1], frames=[])
 
 
 @pytest.mark.embedded

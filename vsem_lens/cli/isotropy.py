@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import argparse
 
+import pandas as pd
+
+from ..core.corpus import load_corpus
+from ..core.io import atomic_write
+from ..geometry import isotropy_by_layer
 from .common import CORPUS_HELP, add_model_arguments, load_model_from_args, messenger, parse_layers, parse_positive
 
 COLUMNS = ["site", "frame", "layer", "n_tokens", "isoscore", "isoscore_star", "average_cosine", "participation_ratio"]
@@ -24,12 +29,6 @@ def _names(spec: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and corpus, compute the table, print or write it."""
-    import pandas as pd
-
-    from ..core.corpus import load_corpus
-    from ..core.io import atomic_write
-    from ..geometry.isotropy import isotropy_by_layer
-
     say = messenger(args.quiet)
     texts = load_corpus(args.corpus)
     if args.max_texts is not None:
@@ -64,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-texts", default=None, help="use only the first N texts of the corpus")
     parser.add_argument("--sites", default="resid_post",
                         help="comma-separated sites: resid_pre, resid_mid, resid_post, attn_out, mlp_out, embed")
-    parser.add_argument("--frames", default="raw,final_norm", help="comma-separated frames: raw, final_norm")
+    parser.add_argument("--frames", default="raw,final_norm",
+                        help="comma-separated frames: raw, final_norm, tuned (tuned needs a cached tuned lens: "
+                        "`vsem-lens lens train`)")
     parser.add_argument("--layers", default=None, help="comma-separated layer indices or 'all' (default)")
     parser.add_argument("--batch-size", default="8", help="texts per forward pass (default 8)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
