@@ -24,7 +24,7 @@ import torch
 import vsem_lens as vl
 from vsem_lens.core.capture import iter_capture
 from vsem_lens.cli import main
-from vsem_lens.geometry.isotropy import IsotropyState, isoscore
+from vsem_lens.geometry import IsotropyState, isoscore
 from vsem_lens.core.models import HookedModel, Tokens
 
 from architectures import ARCHITECTURES, BF16_ARCHITECTURES, CHECKS, REPORT_ARCHITECTURES, ArchSpec

@@ -84,7 +84,7 @@ def test_study_pages_include_readme_or_note():
 
 
 def test_result_objects_have_repr_html():
-    from vsem_lens.geometry.disentangle import BasisCoherence
+    from vsem_lens.geometry import BasisCoherence
     from vsem_lens.report.build import Report
 
     for cls in (Report, BasisCoherence):
