@@ -39,7 +39,7 @@ def main() -> int:
 
     import vsem_lens as vl
     from vsem_lens.calibration.baselines import finetune_baseline
-    from vsem_lens.calibration.heads import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
     from vsem_lens.calibration.datasets import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 

@@ -70,7 +70,7 @@ def main() -> int:
     from vsem_lens.calibration.baselines import (
         finetune_baseline, icl_baseline, knn_baseline, probe_baseline, zero_shot_affinity, zero_shot_matmul,
     )
-    from vsem_lens.calibration.heads import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
     from vsem_lens.calibration.datasets import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 

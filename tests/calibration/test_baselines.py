@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tasks import separable, tiny_task
 
 import vsem_lens as vl
 from vsem_lens.calibration.baselines import (
@@ -17,9 +18,7 @@ from vsem_lens.calibration.baselines import (
     results_table,
     run_baselines,
 )
-from vsem_lens.calibration.heads import torch_threads
-
-from _tasks import separable, tiny_task
+from vsem_lens.calibration.threads import torch_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:label word")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tasks import separable, tiny_task
 
 import vsem_lens as vl
-from vsem_lens.calibration.heads import CalibratedModel, NeuralClusteringHead, classification_metrics, torch_threads
+from vsem_lens.calibration import CalibratedModel, NeuralClusteringHead, classification_metrics
 from vsem_lens.calibration.features import extract_features, label_token_ids
-
-from _tasks import separable, tiny_task
+from vsem_lens.calibration.threads import torch_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:label word")
 

@@ -3,9 +3,11 @@ they are compared with (zero-shot, probes, kNN, kNN prompting, ICL, LoRA/IA3).
 """
 
 from .baselines import BaselineResult, run_baselines
+from .calibrated import CalibratedModel
 from .datasets import TextClassificationTask, load_task, load_task_file
 from .features import Features, extract_features
-from .heads import CalibratedModel, NeuralClusteringHead, classification_metrics
+from .heads import NeuralClusteringHead
+from .metrics import classification_metrics
 
 __all__ = [
     "BaselineResult",

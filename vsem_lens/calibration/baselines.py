@@ -49,7 +49,8 @@ from ..core.logits import Unembedding
 from ..core.models import HookedModel
 from .datasets import TextClassificationTask
 from .features import Features, build_prompts, extract_features, label_token_ids, n_tokens
-from .heads import classification_metrics, torch_threads
+from .metrics import classification_metrics
+from .threads import torch_threads
 
 BASELINES = ("zero-shot", "affinity", "knn", "probe", "icl", "lora", "ia3")
 
@@ -258,7 +259,7 @@ def probe_baseline(
     """Logistic-regression probe; L2 strength picked on validation accuracy (ties: stronger L2).
 
     The strengths are fitted from the strongest down, each warm-started from the previous solution
-    (on one torch thread, see :func:`~vsem_lens.calibration.heads.torch_threads`).
+    (on one torch thread, see :func:`~vsem_lens.calibration.threads.torch_threads`).
 
     Example:
         >>> probe_baseline(f_tr, y_tr, f_va, y_va, f_te, y_te).details["l2"]  # doctest: +SKIP

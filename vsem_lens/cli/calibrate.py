@@ -101,8 +101,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from ..calibration.baselines import parse_baselines, results_table, run_baselines
+    from ..calibration.calibrated import CalibratedModel
     from ..calibration.features import extract_features
-    from ..calibration.heads import CalibratedModel, classification_metrics
+    from ..calibration.metrics import classification_metrics
     from ..core.distributed import destroy
 
     baselines = parse_baselines(args.baselines)
@@ -196,7 +197,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """Classify texts with a saved head."""
-    from ..calibration.heads import CalibratedModel
+    from ..calibration.calibrated import CalibratedModel
     from ..core.errors import ArtifactError
 
     head_dir = Path(args.head)
