@@ -2,26 +2,14 @@
 similarity between phenomena and fine-tuning with gradient differences (FTGD).
 """
 
-from .minimal_pairs import (
-    MinimalPair,
-    generate_minimal_pairs,
-    load_minimal_pairs,
-    minimal_pair_accuracy,
-    minimal_pair_accuracy_by_layer,
-    preference_onset,
-    score_minimal_pairs,
-)
-from .space import (
-    FTGDConfig,
-    TaskGradients,
-    compare_with_hypothesis,
-    ftgd_finetune,
-    ftgd_transfer,
-    gradient_similarity,
-    phenomenon_gradients,
-    plot_task_space,
-    task_space_matrix,
-)
+from .ftgd import FTGDConfig, ftgd_finetune
+from .gradients import TaskGradients, phenomenon_gradients
+from .matrix import compare_with_hypothesis, plot_task_space, task_space_matrix
+from .minimal_pairs import minimal_pair_accuracy, minimal_pair_accuracy_by_layer, preference_onset, score_minimal_pairs
+from .pairs import MinimalPair, load_minimal_pairs
+from .similarity import gradient_similarity
+from .templates import generate_minimal_pairs
+from .transfer import ftgd_transfer
 
 __all__ = [
     "FTGDConfig",
