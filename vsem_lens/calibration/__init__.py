@@ -2,12 +2,13 @@
 they are compared with (zero-shot, probes, kNN, kNN prompting, ICL, LoRA/IA3).
 """
 
-from .baselines import BaselineResult, run_baselines
+from .baselines import run_baselines
 from .calibrated import CalibratedModel
 from .datasets import TextClassificationTask, load_task, load_task_file
 from .features import Features, extract_features
 from .heads import NeuralClusteringHead
 from .metrics import classification_metrics
+from .results import BaselineResult
 
 __all__ = [
     "BaselineResult",

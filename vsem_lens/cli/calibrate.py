@@ -100,10 +100,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """Load the model and task, train the head, run the baselines, write the outputs."""
     import torch
 
-    from ..calibration.baselines import parse_baselines, results_table, run_baselines
+    from ..calibration.baselines import parse_baselines, run_baselines
     from ..calibration.calibrated import CalibratedModel
     from ..calibration.features import extract_features
     from ..calibration.metrics import classification_metrics
+    from ..calibration.results import results_table
     from ..core.distributed import destroy
 
     baselines = parse_baselines(args.baselines)
