@@ -40,7 +40,7 @@ def main() -> int:
     import vsem_lens as vl
     from vsem_lens.calibration.finetune import finetune_baseline
     from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
-    from vsem_lens.calibration.datasets import embedded_task_names, load_task
+    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 
     torch.set_num_threads(args.threads)

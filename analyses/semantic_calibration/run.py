@@ -73,7 +73,7 @@ def main() -> int:
     from vsem_lens.calibration.probe import probe_baseline
     from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
     from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
-    from vsem_lens.calibration.datasets import embedded_task_names, load_task
+    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 
     torch.set_num_threads(args.threads)

@@ -320,7 +320,7 @@ def test_embedded_head_beats_affinity_zero_shot(embedded):
     on topic) beats affinity by a wide margin and matches the matmul zero-shot within a small
     tolerance, i.e. training recovers what the cosine readout loses. The same thresholds hold on topic.
     """
-    from vsem_lens.calibration.datasets import load_task
+    from vsem_lens.calibration import load_task
     from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
 
     task = load_task("sentiment")

@@ -73,7 +73,9 @@ def _unescape(template: str | None) -> str | None:
 
 def load_cli_task(args: argparse.Namespace):
     """The task of ``--task`` (name or file) with train/validation/test splits (see ``ensure_splits``)."""
-    from ..calibration.datasets import EMBEDDED_TASKS, ensure_splits, load_task, load_task_file
+    from ..calibration.shipped_tasks import EMBEDDED_TASKS, load_task
+    from ..calibration.splits import ensure_splits
+    from ..calibration.task_files import load_task_file
 
     verbalizer = parse_verbalizer(args.verbalizer)
     template = _unescape(args.template)
@@ -89,7 +91,7 @@ def load_cli_task(args: argparse.Namespace):
         task = load_task_file(path, split_column=args.split_column, **kw)
     test = None
     if args.test:
-        from ..calibration.datasets import load_task_file as load_file
+        from ..calibration.task_files import load_task_file as load_file
 
         test = load_file(args.test, text_column=args.text_column, label_column=args.label_column,
                          verbalizer=dict(task.verbalizer), template=task.template, name=task.name)
