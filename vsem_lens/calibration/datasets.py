@@ -133,6 +133,7 @@ class TextClassificationTask:
         """The examples of one split, as a task with the same prompt and verbalizer.
 
         Example:
+            >>> from vsem_lens.calibration import load_task
             >>> len(load_task("question").split("test"))
             120
         """
@@ -145,6 +146,7 @@ class TextClassificationTask:
         """The examples at ``indices`` (any order), keeping the prompt and the verbalizer.
 
         Example:
+            >>> from vsem_lens.calibration import load_task
             >>> len(load_task("topic").subset([0, 1, 2]))
             3
         """
@@ -170,6 +172,7 @@ class TextClassificationTask:
         """A copy with another template and/or verbalizer.
 
         Example:
+            >>> from vsem_lens.calibration import load_task
             >>> load_task("topic").with_prompt(template="News: {text}\\nCategory:").template
             'News: {text}\\nCategory:'
         """
@@ -220,6 +223,7 @@ class TextClassificationTask:
         """Texts that occur in more than one split (leakage between train and test).
 
         Example:
+            >>> from vsem_lens.calibration import load_task
             >>> load_task("topic").cross_split_duplicates()
             []
         """

@@ -51,6 +51,7 @@ def write_minimal_pairs(pairs: Iterable[MinimalPair], path: str | os.PathLike) -
     """Write pairs as JSONL (one object per line: phenomenon, good, bad, critical).
 
     Example:
+        >>> from vsem_lens.taskspace import generate_minimal_pairs
         >>> write_minimal_pairs(generate_minimal_pairs(1), "/tmp/pairs.jsonl").name
         'pairs.jsonl'
     """
