@@ -102,7 +102,7 @@ def finetune_baseline(
     if method not in ("lora", "ia3"):
         raise InputError(f"unknown fine-tuning method {method!r}; choose lora or ia3.")
     try:
-        import peft  # noqa: F401
+        import peft  # noqa: F401  # optional: fail early, before copying the model, when it is missing
     except ImportError:  # pragma: no cover - peft is in the calibration extra
         raise ModelLoadError("LoRA/IA3 baselines need the 'peft' package: pip install peft") from None
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):

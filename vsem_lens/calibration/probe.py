@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..core.errors import InputError
+from ..core.errors import InputError, check_positive_int
 from .features import Features
 from .results import BaselineResult, as_matrix, baseline_result
 from .threads import torch_threads
@@ -44,7 +44,7 @@ class LogisticRegressionProbe:
     def __init__(self, l2: float = 1e-2, max_iter: int = 100, n_classes: int | None = None):
         if not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 < 0:
             raise InputError(f"l2 must be a finite number >= 0, got {l2!r}.")
-        self.l2, self.max_iter, self.n_classes = float(l2), int(max_iter), n_classes
+        self.l2, self.max_iter, self.n_classes = float(l2), check_positive_int(max_iter, "max_iter"), n_classes
 
     def fit(
         self, X: Float[Tensor, "n d"], y: Int[Tensor, " n"], *, warm_start: "LogisticRegressionProbe | None" = None

@@ -102,7 +102,7 @@ def plot_task_space(
         >>> fig = plot_task_space(task_space_matrix(sim, "cosine"), title="gradient cosine")  # doctest: +SKIP
         >>> fig.write_html("task_space.html", include_plotlyjs="cdn")                         # doctest: +SKIP
     """
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # slow to import and only needed for plots
 
     m = _as_square(matrix, "the matrix")
     order = cluster_order(m) if cluster else list(m.index)
