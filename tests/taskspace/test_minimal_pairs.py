@@ -233,6 +233,47 @@ def test_by_layer_last_layer_equals_final_scores(tiny_model):
     assert set(tuned.frame) == {"tuned"}
 
 
+class _Doubled(vl.lenses.Lens):
+    """A custom frame: twice the final-norm output (logits of ``2 x`` sharpen, margins change)."""
+
+    frame = "doubled"
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, h, layer):
+        return 2 * self.model.final_norm(h)
+
+
+def test_by_layer_through_a_custom_lens_equals_the_hand_transform(tiny_model):
+    lens = _Doubled(tiny_model)
+    layers = [0, tiny_model.n_layers - 1]
+    got = mp.layer_sentence_logprobs(tiny_model, ["The cat sleeps.", "Dogs bark."], frame=lens, layers=layers)
+    tokens = tiny_model.tokenize(["The cat sleeps.", "Dogs bark."], prepend_bos=True)
+    acts = vl.capture(tiny_model, tokens, layers=layers)
+    unembedding = tiny_model.unembedding()
+    for li, layer in enumerate(layers):
+        h = acts.layer("resid_post", layer)
+        with torch.no_grad():
+            logp = torch.log_softmax(unembedding(lens(h, layer)).double(), -1)
+        start = 0
+        for doc, n in enumerate(tokens.lengths.tolist()):
+            ids = tokens.ids[doc, :n]
+            ref = float(sum(logp[start + t, ids[t + 1]] for t in range(n - 1)))
+            assert float(got[li, doc]) == pytest.approx(ref, abs=1e-3)
+            start += n
+    table = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame=lens, layers=layers)
+    assert set(table.frame) == {"doubled"}
+
+
+def test_by_layer_accepts_a_tuned_lens_object(tiny_model):
+    identity = vl.TunedLens.identity(tiny_model)
+    by_object = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame=identity, layers=[0, 1])
+    by_name = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame="tuned", lens=identity, layers=[0, 1])
+    np.testing.assert_allclose(by_object.mean_margin, by_name.mean_margin)
+    assert set(by_object.frame) == {"tuned"}
+
+
 def test_by_layer_without_a_tuned_lens_says_what_to_do(tiny_model):
     with pytest.raises(InputError, match="tuned lens"):
         mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame="tuned")
