@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.io import atomic_write
+from ..lenses.frames import FRAMES
 from .common import (
     add_distributed_argument,
     add_model_arguments,
@@ -247,7 +248,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--template", default=None, help='prompt with one {text} slot, e.g. "Review: {text}\\nSentiment:"')
     add_model_arguments(parser)
     parser.add_argument("--layer", type=int, default=-1, help="layer of the features (default -1, the last)")
-    parser.add_argument("--frame", default="final_norm", choices=["final_norm", "raw"], help="feature frame (default final_norm)")
+    parser.add_argument(
+        "--frame", default="final_norm", choices=list(FRAMES),
+        help="feature frame (default final_norm; tuned needs a tuned lens cached by `vsem-lens lens train`)",
+    )
     parser.add_argument("--pool", default="tokens", choices=["tokens", "vector"],
                         help="channel-attention pooling: over the prompt's tokens (default) or the last vector only")
     parser.add_argument("--head", default="clustering", choices=["clustering", "prototype"], help="head architecture")
