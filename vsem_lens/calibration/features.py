@@ -274,7 +274,7 @@ def extract_features(
         torch.Size([120, 576])
     """
     if not isinstance(task, TextClassificationTask):
-        raise InputError(f"task must be a TextClassificationTask (see vsem_lens.calibration.datasets.load_task), got {type(task).__name__}.")
+        raise InputError(f"task must be a TextClassificationTask (see vsem_lens.calibration.load_task), got {type(task).__name__}.")
     lens = resolve_frame(frame, model, lens=lens)
     identity = frame_identity(lens)
     if cache and identity is None:
