@@ -70,6 +70,7 @@ def _peft_config(method: str, r: int, alpha: int, dropout: float, target_modules
     return peft.IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feed_forward)
 
 
+# One training-and-evaluation recipe kept in one place (prompts, adapter, loop, test pass), about 100 lines.
 def finetune_baseline(
     model: HookedModel,
     task: TextClassificationTask,

@@ -99,6 +99,7 @@ def load_cli_task(args: argparse.Namespace):
     return ensure_splits(task, test=test, seed=args.seed)
 
 
+# The command's whole pipeline in order (load, features, head, baselines, outputs); about 100 lines.
 def run_calibrate(args: argparse.Namespace) -> int:
     """Load the model and task, train the head, run the baselines, write the outputs."""
     import torch

@@ -91,6 +91,32 @@ def split_pairs(
     return train, test
 
 
+def _transfer_rows(name: str, before: pd.DataFrame, after: pd.DataFrame) -> list[dict[str, Any]]:
+    """Transfer rows of the copy tuned on ``name``: every phenomenon's scores before and after."""
+    return [
+        {
+            "trained_on": name,
+            "evaluated_on": other,
+            "accuracy_before": float(before.loc[other, "accuracy"]),
+            "accuracy_after": float(after.loc[other, "accuracy"]),
+            "delta_accuracy": float(after.loc[other, "accuracy"] - before.loc[other, "accuracy"]),
+            "margin_before": float(before.loc[other, "mean_margin"]),
+            "margin_after": float(after.loc[other, "mean_margin"]),
+            "delta_margin": float(after.loc[other, "mean_margin"] - before.loc[other, "mean_margin"]),
+            "n_eval": int(after.loc[other, "n_pairs"]),
+        }
+        for other in after.index
+    ]
+
+
+def _reset_masked(work: HookedModel, originals: dict[str, torch.nn.Parameter], mask: dict[str, Any]) -> None:
+    """Reset the working copy's changed parameters from the untouched original."""
+    by_name = dict(model_parameters(work))
+    with torch.no_grad():
+        for pname in mask:
+            by_name[pname].copy_(originals[pname])
+
+
 def ftgd_transfer(
     model: HookedModel,
     pairs: Sequence[MinimalPair],
@@ -157,20 +183,7 @@ def ftgd_transfer(
         result = ftgd_finetune(work, train[name], config=cfg, inplace=True)
         after = evaluate(work)
         ppl_after = corpus_perplexity(work, corpus, max_length=corpus_max_length) if corpus else math.nan
-        for other in after.index:
-            rows.append(
-                {
-                    "trained_on": name,
-                    "evaluated_on": other,
-                    "accuracy_before": float(before.loc[other, "accuracy"]),
-                    "accuracy_after": float(after.loc[other, "accuracy"]),
-                    "delta_accuracy": float(after.loc[other, "accuracy"] - before.loc[other, "accuracy"]),
-                    "margin_before": float(before.loc[other, "mean_margin"]),
-                    "margin_after": float(after.loc[other, "mean_margin"]),
-                    "delta_margin": float(after.loc[other, "mean_margin"] - before.loc[other, "mean_margin"]),
-                    "n_eval": int(after.loc[other, "n_pairs"]),
-                }
-            )
+        rows += _transfer_rows(name, before, after)
         ppl_rows.append(
             {"trained_on": name, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
              "delta_perplexity": ppl_after - ppl_before, "relative_change": ppl_after / ppl_before - 1}
@@ -179,11 +192,7 @@ def ftgd_transfer(
             {"trained_on": name, "n_train": len(train[name]), "n_updated": result.n_updated,
              "n_candidates": result.n_candidates, "loss_first": result.losses[0], "loss_last": result.losses[-1]}
         )
-        # Reset the working copy's changed parameters from the untouched original.
-        by_name = dict(model_parameters(work))
-        with torch.no_grad():
-            for pname in result.mask:
-                by_name[pname].copy_(originals[pname])
+        _reset_masked(work, originals, result.mask)
         if callback is not None:
             callback(_result())
     return _result()
