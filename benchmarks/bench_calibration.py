@@ -8,7 +8,7 @@ use the embedded SmolLM2-135M-Instruct, the same zero-shot prompt, the same trai
   training only (features already in the cache, the usual situation when you iterate on heads) and
   including the one-off feature extraction (forward passes over train + validation + test);
 - LoRA: r 8 on q_proj/v_proj of a fresh HF copy, 1 epoch over train, batch 8, max_length 64, CE over the
-  label-token logits (vsem_lens.calibration.baselines.finetune_baseline); time = copy + training + test inference.
+  label-token logits (vsem_lens.calibration.finetune.finetune_baseline); time = copy + training + test inference.
 
 Target: at least LoRA's accuracy in at most 1/20 of its time. One torch thread (shared 2-core machine).
 
@@ -38,9 +38,9 @@ def main() -> int:
     import torch
 
     import vsem_lens as vl
-    from vsem_lens.calibration.baselines import finetune_baseline
-    from vsem_lens.calibration.heads import NeuralClusteringHead, classification_metrics
-    from vsem_lens.calibration.datasets import embedded_task_names, load_task
+    from vsem_lens.calibration.finetune import finetune_baseline
+    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 
     torch.set_num_threads(args.threads)

@@ -67,11 +67,13 @@ def main() -> int:
     import torch.nn.functional as F
 
     import vsem_lens as vl
-    from vsem_lens.calibration.baselines import (
-        finetune_baseline, icl_baseline, knn_baseline, probe_baseline, zero_shot_affinity, zero_shot_matmul,
-    )
-    from vsem_lens.calibration.heads import NeuralClusteringHead, classification_metrics
-    from vsem_lens.calibration.datasets import embedded_task_names, load_task
+    from vsem_lens.calibration.finetune import finetune_baseline
+    from vsem_lens.calibration.icl import icl_baseline
+    from vsem_lens.calibration.knn import knn_baseline
+    from vsem_lens.calibration.probe import probe_baseline
+    from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
+    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
 
     torch.set_num_threads(args.threads)
@@ -118,7 +120,7 @@ def main() -> int:
             pred = head.predict(feats["test"].head_input(pool))
             fit_seconds = time.perf_counter() - started
             metrics = classification_metrics(y["test"], pred, k)
-            from vsem_lens.calibration.baselines import BaselineResult
+            from vsem_lens.calibration import BaselineResult
 
             add(name, BaselineResult(
                 label, metrics["accuracy"], metrics["macro_f1"], sum(feature_seconds.values()) + fit_seconds,

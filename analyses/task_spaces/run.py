@@ -85,8 +85,8 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE.parents[1]))
     import vsem_lens as vl
-    from vsem_lens.taskspace import minimal_pairs as mp
-    from vsem_lens.taskspace import space as ts
+    from vsem_lens import taskspace as mp
+    from vsem_lens import taskspace as ts
     from vsem_lens.core.models import cache_dir
 
     torch.set_num_threads(1)

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tasks import separable, tiny_task
 
 import vsem_lens as vl
-from vsem_lens.calibration.baselines import (
-    KNNClassifier,
-    LogisticRegressionProbe,
-    finetune_baseline,
-    fresh_hf_model,
-    icl_baseline,
-    icl_prefix,
-    parse_baselines,
-    results_table,
-    run_baselines,
-)
-from vsem_lens.calibration.heads import torch_threads
-
-from _tasks import separable, tiny_task
+from vsem_lens.calibration.baselines import parse_baselines, run_baselines
+from vsem_lens.calibration.finetune import finetune_baseline, fresh_hf_model
+from vsem_lens.calibration.icl import icl_baseline, icl_prefix
+from vsem_lens.calibration.knn import KNNClassifier
+from vsem_lens.calibration.probe import LogisticRegressionProbe
+from vsem_lens.calibration.results import results_table
+from vsem_lens.calibration.threads import torch_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:label word")
 

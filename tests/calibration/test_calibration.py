@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tasks import separable, tiny_task
 
 import vsem_lens as vl
-from vsem_lens.calibration.heads import CalibratedModel, NeuralClusteringHead, classification_metrics, torch_threads
+from vsem_lens.calibration import CalibratedModel, NeuralClusteringHead, classification_metrics
 from vsem_lens.calibration.features import extract_features, label_token_ids
-
-from _tasks import separable, tiny_task
+from vsem_lens.calibration.threads import torch_threads
 
 pytestmark = pytest.mark.filterwarnings("ignore:label word")
 
@@ -320,8 +320,8 @@ def test_embedded_head_beats_affinity_zero_shot(embedded):
     on topic) beats affinity by a wide margin and matches the matmul zero-shot within a small
     tolerance, i.e. training recovers what the cosine readout loses. The same thresholds hold on topic.
     """
-    from vsem_lens.calibration.baselines import zero_shot_affinity, zero_shot_matmul
-    from vsem_lens.calibration.datasets import load_task
+    from vsem_lens.calibration import load_task
+    from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
 
     task = load_task("sentiment")
     parts = {}

@@ -7,14 +7,10 @@ import json
 import pytest
 
 import vsem_lens as vl
-from vsem_lens.calibration.datasets import (
-    EMBEDDED_TASKS,
-    TextClassificationTask,
-    embedded_task_names,
-    ensure_splits,
-    load_task,
-    load_task_file,
-)
+from vsem_lens.calibration.datasets import TextClassificationTask
+from vsem_lens.calibration.shipped_tasks import EMBEDDED_TASKS, embedded_task_names, load_task
+from vsem_lens.calibration.splits import ensure_splits
+from vsem_lens.calibration.task_files import load_task_file
 
 
 @pytest.mark.parametrize("name", embedded_task_names())

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.taskspace import minimal_pairs as mp
 from vsem_lens.core.errors import DataError, InputError
+from vsem_lens.taskspace import minimal_pairs as mp
+from vsem_lens.taskspace import pairs as pair_data
+from vsem_lens.taskspace import templates as pair_templates
 
 
 def _strip(word: str) -> str:
@@ -21,23 +23,23 @@ def _strip(word: str) -> str:
 
 # ---------------------------------------------------------------------------------- generator
 def test_generator_is_deterministic_and_seed_dependent():
-    a = mp.generate_minimal_pairs(30, seed=3)
-    b = mp.generate_minimal_pairs(30, seed=3)
-    c = mp.generate_minimal_pairs(30, seed=4)
+    a = pair_templates.generate_minimal_pairs(30, seed=3)
+    b = pair_templates.generate_minimal_pairs(30, seed=3)
+    c = pair_templates.generate_minimal_pairs(30, seed=4)
     assert a == b
     assert a != c
     # one phenomenon's pairs do not depend on which other phenomena are generated
-    only = mp.generate_minimal_pairs(30, seed=3, phenomena=["wh_island"])
+    only = pair_templates.generate_minimal_pairs(30, seed=3, phenomena=["wh_island"])
     assert only == [p for p in a if p.phenomenon == "wh_island"]
 
 
 def test_snapshot_equals_regeneration():
-    shipped = mp.load_minimal_pairs()
-    assert shipped == mp.generate_minimal_pairs(mp.DEFAULT_PER_PHENOMENON, seed=mp.DEFAULT_SEED)
+    shipped = pair_data.load_minimal_pairs()
+    assert shipped == pair_templates.generate_minimal_pairs(pair_templates.DEFAULT_PER_PHENOMENON, seed=pair_templates.DEFAULT_SEED)
 
 
 def test_snapshot_size_and_no_duplicates():
-    pairs = mp.load_minimal_pairs()
+    pairs = pair_data.load_minimal_pairs()
     counts = pd.Series([p.phenomenon for p in pairs]).value_counts()
     assert len(counts) >= 8 and counts.min() >= 200
     assert len({(p.good, p.bad) for p in pairs}) == len(pairs)
@@ -46,22 +48,22 @@ def test_snapshot_size_and_no_duplicates():
 
 
 def test_pairs_differ_only_in_the_critical_word():
-    for pair in mp.load_minimal_pairs():
+    for pair in pair_data.load_minimal_pairs():
         good, bad = pair.good.split(), pair.bad.split()
         assert len(good) == len(bad)
         diff = [i for i, (g, b) in enumerate(zip(good, bad)) if g != b]
         assert diff == [pair.critical], pair
 
 
-SG_PL_VERBS = {sg: pl for sg, pl in mp.INTRANSITIVE_PRESENT} | {"is": "are"}
+SG_PL_VERBS = {sg: pl for sg, pl in pair_templates.INTRANSITIVE_PRESENT} | {"is": "are"}
 PL_SG_VERBS = {pl: sg for sg, pl in SG_PL_VERBS.items()}
-SINGULAR_AGENTS = {sg for sg, _ in mp.AGENTS}
-PLURAL_AGENTS = {pl for _, pl in mp.AGENTS}
-SINGULAR_THINGS = {sg for sg, _ in mp.THINGS}
-PLURAL_THINGS = {pl for _, pl in mp.THINGS}
+SINGULAR_AGENTS = {sg for sg, _ in pair_templates.AGENTS}
+PLURAL_AGENTS = {pl for _, pl in pair_templates.AGENTS}
+SINGULAR_THINGS = {sg for sg, _ in pair_templates.THINGS}
+PLURAL_THINGS = {pl for _, pl in pair_templates.THINGS}
 
 
-def _check_contrast(pair: mp.MinimalPair) -> None:
+def _check_contrast(pair: pair_data.MinimalPair) -> None:
     """The critical words form the intended contrast, and the good one is the grammatical one."""
     words = pair.good.split()
     i = pair.critical
@@ -79,40 +81,40 @@ def _check_contrast(pair: mp.MinimalPair) -> None:
             assert good in SINGULAR_THINGS and bad in PLURAL_THINGS
         else:
             assert good in PLURAL_THINGS and bad in SINGULAR_THINGS
-        assert (good, bad) in set(mp.THINGS) | {(pl, sg) for sg, pl in mp.THINGS}
+        assert (good, bad) in set(pair_templates.THINGS) | {(pl, sg) for sg, pl in pair_templates.THINGS}
     elif name == "anaphor_agreement":
         subject = words[: i - 1]  # the words before the verb
-        if len(subject) == 1 and subject[0] in mp.FEMALE_NAMES:
+        if len(subject) == 1 and subject[0] in pair_templates.FEMALE_NAMES:
             expected = "herself"
-        elif len(subject) == 1 and subject[0] in mp.MALE_NAMES:
+        elif len(subject) == 1 and subject[0] in pair_templates.MALE_NAMES:
             expected = "himself"
         else:
             expected = "themselves"
         assert good == expected and bad in {"herself", "himself", "themselves", "itself"} - {expected}
     elif name == "npi_licensing":
-        assert i == 0 and good == "No" and bad in mp.NPI_BAD_DETERMINERS and "ever" in words
+        assert i == 0 and good == "No" and bad in pair_templates.NPI_BAD_DETERMINERS and "ever" in words
     elif name == "irregular_past_participle":
-        forms = {past: pp for past, pp, _ in mp.IRREGULAR}
+        forms = {past: pp for past, pp, _ in pair_templates.IRREGULAR}
         if words[i - 1] == "had":
             assert forms[bad] == good
         else:
             assert forms[good] == bad
     elif name == "argument_structure":
-        assert good in mp.SOCIAL_VERBS and bad in mp.INTRANSITIVE_PAST
+        assert good in pair_templates.SOCIAL_VERBS and bad in pair_templates.INTRANSITIVE_PAST
     elif name == "wh_island":
-        assert words[0] == "What" and good == "that" and bad in mp.ISLAND_BAD
+        assert words[0] == "What" and good == "that" and bad in pair_templates.ISLAND_BAD
     elif name == "existential_quantifiers":
         be = words[1]
         if be in {"are", "were"}:
-            assert good in mp.EXISTENTIAL_GOOD_PL and bad in mp.EXISTENTIAL_BAD_PL
+            assert good in pair_templates.EXISTENTIAL_GOOD_PL and bad in pair_templates.EXISTENTIAL_BAD_PL
         else:
-            assert good in mp.EXISTENTIAL_GOOD_SG and bad in mp.EXISTENTIAL_BAD_SG
+            assert good in pair_templates.EXISTENTIAL_GOOD_SG and bad in pair_templates.EXISTENTIAL_BAD_SG
     else:  # pragma: no cover - a new phenomenon needs a check here
         raise AssertionError(f"no contrast check for {name}")
 
 
 def test_pairs_contrast_the_intended_words():
-    for pair in mp.load_minimal_pairs():
+    for pair in pair_data.load_minimal_pairs():
         _check_contrast(pair)
 
 
@@ -124,11 +126,11 @@ def test_loader_reads_user_files_and_filters(tmp_path):
         {"phenomenon": "npi", "good": "No cat ever sleeps.", "bad": "The cat ever sleeps."},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    pairs = mp.load_minimal_pairs(path)
+    pairs = pair_data.load_minimal_pairs(path)
     assert [p.phenomenon for p in pairs] == ["agr", "npi"] and pairs[0].critical is None
-    assert mp.load_minimal_pairs(path, phenomena=["npi"]) == pairs[1:]
+    assert pair_data.load_minimal_pairs(path, phenomena=["npi"]) == pairs[1:]
     with pytest.raises(InputError, match="not in the file"):
-        mp.load_minimal_pairs(path, phenomena=["islands"])
+        pair_data.load_minimal_pairs(path, phenomena=["islands"])
 
 
 @pytest.mark.parametrize(
@@ -146,29 +148,29 @@ def test_loader_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"good": "A b.", "bad": "A c.", "phenomenon": "x"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(message)):
-        mp.load_minimal_pairs(path)
+        pair_data.load_minimal_pairs(path)
 
 
 def test_loader_rejects_missing_and_wrong_files(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        mp.load_minimal_pairs(tmp_path / "nope.jsonl")
+        pair_data.load_minimal_pairs(tmp_path / "nope.jsonl")
     other = tmp_path / "pairs.csv"
     other.write_text("good,bad\n", encoding="utf-8")
     with pytest.raises(InputError, match=".jsonl"):
-        mp.load_minimal_pairs(other)
+        pair_data.load_minimal_pairs(other)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
     with pytest.raises(DataError, match="no minimal pairs"):
-        mp.load_minimal_pairs(empty)
+        pair_data.load_minimal_pairs(empty)
 
 
 # ---------------------------------------------------------------------------------- scoring
 TINY_PAIRS = [
-    mp.MinimalPair("agr", "The cat sat.", "The cat sit."),
-    mp.MinimalPair("agr", "A dog is here.", "A dog are here."),
-    mp.MinimalPair("agr", "Hello world.", "Hello worlds."),
-    mp.MinimalPair("npi", "No cat ever sat.", "The cat ever sat."),
-    mp.MinimalPair("npi", "She sold apples.", "She sell apples."),
+    pair_data.MinimalPair("agr", "The cat sat.", "The cat sit."),
+    pair_data.MinimalPair("agr", "A dog is here.", "A dog are here."),
+    pair_data.MinimalPair("agr", "Hello world.", "Hello worlds."),
+    pair_data.MinimalPair("npi", "No cat ever sat.", "The cat ever sat."),
+    pair_data.MinimalPair("npi", "She sold apples.", "She sell apples."),
 ]
 
 
@@ -231,6 +233,47 @@ def test_by_layer_last_layer_equals_final_scores(tiny_model):
     assert set(tuned.frame) == {"tuned"}
 
 
+class _Doubled(vl.lenses.Lens):
+    """A custom frame: twice the final-norm output (logits of ``2 x`` sharpen, margins change)."""
+
+    frame = "doubled"
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, h, layer):
+        return 2 * self.model.final_norm(h)
+
+
+def test_by_layer_through_a_custom_lens_equals_the_hand_transform(tiny_model):
+    lens = _Doubled(tiny_model)
+    layers = [0, tiny_model.n_layers - 1]
+    got = mp.layer_sentence_logprobs(tiny_model, ["The cat sleeps.", "Dogs bark."], frame=lens, layers=layers)
+    tokens = tiny_model.tokenize(["The cat sleeps.", "Dogs bark."], prepend_bos=True)
+    acts = vl.capture(tiny_model, tokens, layers=layers)
+    unembedding = tiny_model.unembedding()
+    for li, layer in enumerate(layers):
+        h = acts.layer("resid_post", layer)
+        with torch.no_grad():
+            logp = torch.log_softmax(unembedding(lens(h, layer)).double(), -1)
+        start = 0
+        for doc, n in enumerate(tokens.lengths.tolist()):
+            ids = tokens.ids[doc, :n]
+            ref = float(sum(logp[start + t, ids[t + 1]] for t in range(n - 1)))
+            assert float(got[li, doc]) == pytest.approx(ref, abs=1e-3)
+            start += n
+    table = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame=lens, layers=layers)
+    assert set(table.frame) == {"doubled"}
+
+
+def test_by_layer_accepts_a_tuned_lens_object(tiny_model):
+    identity = vl.TunedLens.identity(tiny_model)
+    by_object = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame=identity, layers=[0, 1])
+    by_name = mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame="tuned", lens=identity, layers=[0, 1])
+    np.testing.assert_allclose(by_object.mean_margin, by_name.mean_margin)
+    assert set(by_object.frame) == {"tuned"}
+
+
 def test_by_layer_without_a_tuned_lens_says_what_to_do(tiny_model):
     with pytest.raises(InputError, match="tuned lens"):
         mp.minimal_pair_accuracy_by_layer(tiny_model, TINY_PAIRS, frame="tuned")
@@ -258,7 +301,7 @@ def test_scoring_rejects_bad_input(tiny_model):
 
 @pytest.mark.embedded
 def test_embedded_model_prefers_grammatical_sentences(embedded):
-    pairs = [p for p in mp.load_minimal_pairs() if p.phenomenon in ("anaphor_agreement", "det_noun_agreement")]
+    pairs = [p for p in pair_data.load_minimal_pairs() if p.phenomenon in ("anaphor_agreement", "det_noun_agreement")]
     pairs = pairs[:8] + [p for p in pairs if p.phenomenon == "det_noun_agreement"][:8]
     acc = mp.minimal_pair_accuracy(embedded, pairs).set_index("phenomenon")
     assert acc.loc["all", "n_pairs"] == 16

@@ -6,12 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from vsem_lens.taskspace import space as ts
-from vsem_lens.core.errors import InputError
-from vsem_lens.taskspace.minimal_pairs import MinimalPair
-
 from conftest import TINY_TEXTS, make_tiny_hf
+
+from vsem_lens.core.errors import InputError
+from vsem_lens.taskspace import ftgd as ts_ftgd
+from vsem_lens.taskspace import gradients as ts_gradients
+from vsem_lens.taskspace import matrix as ts_matrix
+from vsem_lens.taskspace import parameters as ts_parameters
+from vsem_lens.taskspace import similarity as ts_similarity
+from vsem_lens.taskspace import transfer as ts_transfer
+from vsem_lens.taskspace.pairs import MinimalPair
 
 PAIRS = [
     MinimalPair("agr", "The cat sat.", "The cat sit."),
@@ -32,7 +36,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def grads(tiny_model):
     relabelled = PAIRS + [MinimalPair("agr_again", p.good, p.bad) for p in PAIRS if p.phenomenon == "agr"]
-    return ts.phenomenon_gradients(tiny_model, relabelled, batch_size=3)
+    return ts_gradients.phenomenon_gradients(tiny_model, relabelled, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def plain_hf(tiny_tokenizer):
 
 
 def _state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in ts.model_parameters(model)}
+    return {n: p.detach().clone() for n, p in ts_parameters.model_parameters(model)}
 
 
 def test_gradient_equals_plain_hf_autograd(plain_hf, tiny_tokenizer, tiny_model, grads):
@@ -69,7 +73,7 @@ def test_gradient_equals_plain_hf_autograd(plain_hf, tiny_tokenizer, tiny_model,
 
 
 def test_similarity_with_itself_is_one(grads):
-    sim = ts.gradient_similarity(grads, top_frac=0.05, chunk=1000)
+    sim = ts_similarity.gradient_similarity(grads, top_frac=0.05, chunk=1000)
     diag = sim[sim.phenomenon_a == sim.phenomenon_b]
     np.testing.assert_allclose(diag.cosine, 1.0, atol=1e-6)
     np.testing.assert_allclose(diag.jaccard.dropna(), 1.0)
@@ -78,17 +82,17 @@ def test_similarity_with_itself_is_one(grads):
     np.testing.assert_allclose(same.cosine, 1.0, atol=1e-6)
     scopes = set(sim.scope)
     assert {"overall", "embed", "block_0", "block_2", "final_norm"} <= scopes
-    matrix = ts.task_space_matrix(sim, "cosine")
+    matrix = ts_matrix.task_space_matrix(sim, "cosine")
     assert list(matrix.index) == list(matrix.columns) == ["agr", "npi", "num", "agr_again"]
     assert np.allclose(matrix.to_numpy(), matrix.to_numpy().T)
 
 
 def test_similarity_matches_direct_computation(grads):
-    sim = ts.gradient_similarity(grads, top_frac=0.02, chunk=777)
+    sim = ts_similarity.gradient_similarity(grads, top_frac=0.02, chunk=777)
     a, b = grads.vectors["agr"], grads.vectors["num"]
     row = sim[(sim.scope == "overall") & (sim.phenomenon_a == "agr") & (sim.phenomenon_b == "num")].iloc[0]
     assert row.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), abs=1e-5)
-    ma, mb = ts.top_mask(a, 0.02), ts.top_mask(b, 0.02)
+    ma, mb = ts_similarity.top_mask(a, 0.02), ts_similarity.top_mask(b, 0.02)
     assert row.jaccard == pytest.approx(float((ma & mb).sum() / (ma | mb).sum()))
     assert row.mask_size_a == int(ma.sum())
     # per block: top-k within the block
@@ -97,15 +101,15 @@ def test_similarity_matches_direct_computation(grads):
     vb = torch.cat([b[s.start : s.stop] for s in block])
     brow = sim[(sim.scope == "block_1") & (sim.phenomenon_a == "agr") & (sim.phenomenon_b == "num")].iloc[0]
     assert brow.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(va, vb, dim=0)), abs=1e-5)
-    ma, mb = ts.top_mask(va, 0.02), ts.top_mask(vb, 0.02)
+    ma, mb = ts_similarity.top_mask(va, 0.02), ts_similarity.top_mask(vb, 0.02)
     assert brow.jaccard == pytest.approx(float((ma & mb).sum() / (ma | mb).sum()))
 
 
 def test_ftgd_touches_only_masked_parameters(tiny_model):
     before = _state(tiny_model)
     train = [p for p in PAIRS if p.phenomenon == "agr"]
-    cfg = ts.FTGDConfig(top_frac=0.02, steps=3, lr=1e-2, batch_size=2)
-    result = ts.ftgd_finetune(tiny_model, train, config=cfg)
+    cfg = ts_ftgd.FTGDConfig(top_frac=0.02, steps=3, lr=1e-2, batch_size=2)
+    result = ts_ftgd.ftgd_finetune(tiny_model, train, config=cfg)
     after = _state(result.model)
     assert result.n_updated == sum(int(m.sum()) for m in result.mask.values())
     assert 0 < result.n_updated <= int(np.ceil(0.02 * result.n_candidates)) + 10
@@ -124,8 +128,8 @@ def test_ftgd_touches_only_masked_parameters(tiny_model):
 
 def test_ftgd_transfer_shapes_and_original_untouched(tiny_model):
     before = _state(tiny_model)
-    cfg = ts.FTGDConfig(top_frac=0.05, steps=2, lr=1e-2, batch_size=2, objective="lm")
-    res = ts.ftgd_transfer(tiny_model, PAIRS, n_train=2, n_eval=2, config=cfg, corpus=TINY_TEXTS[:3])
+    cfg = ts_ftgd.FTGDConfig(top_frac=0.05, steps=2, lr=1e-2, batch_size=2, objective="lm")
+    res = ts_transfer.ftgd_transfer(tiny_model, PAIRS, n_train=2, n_eval=2, config=cfg, corpus=TINY_TEXTS[:3])
     assert len(res.transfer) == 12  # 3 tuned x (3 phenomena + "all")
     m = res.matrix("delta_accuracy")
     assert list(m.index) == ["agr", "npi", "num"] and list(m.columns) == ["agr", "npi", "num", "all"]
@@ -137,13 +141,13 @@ def test_ftgd_transfer_shapes_and_original_untouched(tiny_model):
 
 def test_ftgd_config_is_validated(tiny_model):
     with pytest.raises(InputError, match="objective"):
-        ts.ftgd_finetune(tiny_model, PAIRS[:2], config=ts.FTGDConfig(objective="dpo"))
+        ts_ftgd.ftgd_finetune(tiny_model, PAIRS[:2], config=ts_ftgd.FTGDConfig(objective="dpo"))
     with pytest.raises(InputError, match="top_frac"):
-        ts.gradient_similarity(ts.TaskGradients({}, [], {}), top_frac=0)
+        ts_similarity.gradient_similarity(ts_gradients.TaskGradients({}, [], {}), top_frac=0)
     with pytest.raises(InputError, match="no pairs"):
-        ts.phenomenon_gradients(tiny_model, PAIRS, phenomena=["islands"])
+        ts_gradients.phenomenon_gradients(tiny_model, PAIRS, phenomena=["islands"])
     with pytest.raises(InputError, match="no parameters match"):
-        ts.model_parameters(tiny_model, include="nothing_like_this")
+        ts_parameters.model_parameters(tiny_model, include="nothing_like_this")
 
 
 def test_clustering_plot_and_hypothesis():
@@ -151,18 +155,18 @@ def test_clustering_plot_and_hypothesis():
     sim = pd.DataFrame(
         [[1, 0.9, 0.1, 0.0], [0.9, 1, 0.2, 0.1], [0.1, 0.2, 1, 0.8], [0.0, 0.1, 0.8, 1]], index=names, columns=names
     )
-    order = ts.cluster_order(sim.loc[["a", "c", "b", "d"], ["a", "c", "b", "d"]])
+    order = ts_matrix.cluster_order(sim.loc[["a", "c", "b", "d"], ["a", "c", "b", "d"]])
     assert {frozenset(order[:2]), frozenset(order[2:])} == {frozenset("ab"), frozenset("cd")}
-    fig = ts.plot_task_space(sim, title="t")
+    fig = ts_matrix.plot_task_space(sim, title="t")
     assert list(fig.data[0].x) == order or set(fig.data[0].x) == set(names)
-    same = ts.compare_with_hypothesis(sim, sim, n_permutations=50)
+    same = ts_matrix.compare_with_hypothesis(sim, sim, n_permutations=50)
     assert same["spearman"] == pytest.approx(1.0) and same["pearson"] == pytest.approx(1.0)
     assert same["n_cells"] == 6 and 0 < same["mantel_p"] <= 1
-    flipped = ts.compare_with_hypothesis(sim, 1 - sim, n_permutations=0)
+    flipped = ts_matrix.compare_with_hypothesis(sim, 1 - sim, n_permutations=0)
     assert flipped["spearman"] == pytest.approx(-1.0)
     # asymmetric transfer matrices are symmetrised; a dict of dicts works as the hypothesis
     family = {"a": 0, "b": 0, "c": 1, "d": 1}
     hyp = {a: {b: float(family[a] == family[b]) for b in names} for a in names}
-    assert ts.compare_with_hypothesis(sim + np.triu(np.ones((4, 4)), 1) * 0.01, hyp, n_permutations=0)["n_cells"] == 6
+    assert ts_matrix.compare_with_hypothesis(sim + np.triu(np.ones((4, 4)), 1) * 0.01, hyp, n_permutations=0)["n_cells"] == 6
     with pytest.raises(InputError, match="at least 3"):
-        ts.compare_with_hypothesis(sim, pd.DataFrame(1.0, index=["a", "x"], columns=["a", "x"]))
+        ts_matrix.compare_with_hypothesis(sim, pd.DataFrame(1.0, index=["a", "x"], columns=["a", "x"]))

@@ -4,8 +4,9 @@ Each example is wrapped in the task's template (``"Review: {text}\\nSentiment:"`
 hooked model once. From that single forward we keep, per example:
 
 - ``X`` [n, d]: the residual ``blocks.{layer}.hook_resid_post`` at the **last non-padding token**,
-  mapped into a frame (docs/concepts/frames.md): ``final_norm`` (default; at the last layer this is exactly the
-  LM-head input, the space the semantic bases live in) or ``raw``.
+  mapped into a frame (docs/concepts/frames.md) resolved by :func:`vsem_lens.lenses.resolve_frame`:
+  ``final_norm`` (default; at the last layer this is exactly the LM-head input, the space the semantic
+  bases live in), ``raw``, ``tuned`` or any :class:`~vsem_lens.lenses.base.Lens`.
 - ``X_mean``, ``X_max`` [n, d]: the mean and the per-dimension max of the same layer's residuals over
   the prompt's real tokens, in the same frame (the token pools a CBAM-style channel attention reads;
   see :mod:`vsem_lens.calibration.heads`).
@@ -19,7 +20,9 @@ to limit padding, right-padded, and padding never enters a pool.
 
 Cache: ``cache_dir()/features/<task>-L<layer>-<frame>-<key>.safetensors`` where the key hashes the model
 fingerprint, the task name, the texts, the template, the label tokens, layer, frame, BOS rule,
-truncation length and dtype. Files are written atomically (temporary file + rename), so a second run
+truncation length and dtype. The frame enters the key as its name for ``raw``/``final_norm`` and as a digest
+of the weights for a tuned lens; a custom lens has no such identity, so its features are only computed
+with ``cache=False`` (asking for the cache raises a clear error). Files are written atomically (temporary file + rename), so a second run
 skips the forward passes and an interrupted run never leaves a half-written entry.
 
 Example:
@@ -42,6 +45,7 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -51,11 +55,13 @@ from ..core.distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_s
 from ..core.errors import InputError, NumericalError, VocabularyError, check_positive_int
 from ..core.io import atomic_write, texts_digest
 from ..core.models import HookedModel, cache_dir, check_texts
+from ..lenses.base import FinalNormLens, Lens, RawLens
+from ..lenses.frames import resolve_frame
+from ..lenses.tuned import TunedLens
 from ..readout.basis import word_token_ids
 from .datasets import TextClassificationTask
 
 FORMAT_VERSION = 2
-FEATURE_FRAMES = ("final_norm", "raw")
 POOLS = ("tokens", "vector")
 
 
@@ -175,6 +181,9 @@ def feature_key(
 ) -> str:
     """The cache key of a feature extraction (a short hex digest; see the module docstring).
 
+    ``frame`` is the frame's identity from :func:`frame_identity` (the plain name for ``raw`` and
+    ``final_norm``).
+
     Example:
         >>> len(feature_key(model, "t", ["a"], "{text}", [1, 2], 29, "final_norm", None))  # doctest: +SKIP
         24
@@ -199,13 +208,35 @@ def feature_key(
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
+def frame_identity(lens: Lens) -> str | None:
+    """What identifies a lens in a cache key: the frame name of the parameter-free frames, the frame name
+    plus a digest of model fingerprint and weights for a tuned lens, ``None`` for any other lens (its
+    parameters cannot be fingerprinted, so results through it are never cached or saved by name).
+
+    Example:
+        >>> frame_identity(RawLens())
+        'raw'
+    """
+    if type(lens) in (RawLens, FinalNormLens):
+        return lens.frame
+    if type(lens) is TunedLens:
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(str(lens.fingerprint).encode())
+        for tensor in (lens.weight, lens.bias):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"tuned-{digest.hexdigest()}"
+    return None
+
+
+# Over 80 lines only through its docstring (every argument documented); the body is about 40 lines.
 def extract_features(
     model: HookedModel,
     task: TextClassificationTask,
     *,
     texts: Sequence[str] | None = None,
     layer: int = -1,
-    frame: str = "final_norm",
+    frame: str | Lens = "final_norm",
+    lens: Lens | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
     cache: bool = True,
@@ -220,11 +251,14 @@ def extract_features(
             the texts (pass ``task.split("train")`` for one split).
         texts: classify these texts with the task's prompt instead of the task's own texts.
         layer: block index of ``hook_resid_post`` (negative counts from the end; default the last).
-        frame: ``final_norm`` (default; the LM-head input at the last layer) or ``raw``.
+        frame: ``final_norm`` (default; the LM-head input at the last layer), ``raw``, ``tuned`` or a
+            :class:`~vsem_lens.lenses.base.Lens` (see :func:`~vsem_lens.lenses.frames.resolve_frame`).
+        lens: the tuned lens for ``frame="tuned"`` (default: the one cached for this model).
         batch_size: prompts per forward pass.
         max_length: token budget of a prompt; longer texts are shortened (see :func:`build_prompts`).
             Default: the model's context (longer texts are shortened, with a warning).
-        cache: read and write the on-disk feature cache.
+        cache: read and write the on-disk feature cache (a custom lens needs ``cache=False``, see
+            :func:`frame_identity`).
         progress: show a tqdm bar over batches.
         distributed: ``True`` inside ``torchrun`` (or a :class:`~vsem_lens.core.distributed.DistEnv` from
             :func:`~vsem_lens.core.distributed.init_distributed`): batch ``b`` runs on rank
@@ -241,14 +275,20 @@ def extract_features(
         torch.Size([120, 576])
     """
     if not isinstance(task, TextClassificationTask):
-        raise InputError(f"task must be a TextClassificationTask (see vsem_lens.calibration.datasets.load_task), got {type(task).__name__}.")
-    if frame not in FEATURE_FRAMES:
-        raise InputError(f"unknown feature frame {frame!r}; choose one of {', '.join(FEATURE_FRAMES)}.")
+        raise InputError(f"task must be a TextClassificationTask (see vsem_lens.calibration.load_task), got {type(task).__name__}.")
+    lens = resolve_frame(frame, model, lens=lens)
+    identity = frame_identity(lens)
+    if cache and identity is None:
+        raise InputError(
+            f"features through the custom lens {lens!r} cannot be cached (its parameters have no fingerprint); "
+            "pass cache=False."
+        )
+    frame = lens.frame or type(lens).__name__
     check_positive_int(batch_size, "batch_size")
     layer_abs = check_layers(layer, model.n_layers)[0]
     texts = check_texts(list(task.texts if texts is None else texts))
     label_ids = label_token_ids(model, task.label_words)
-    key = feature_key(model, task.name, texts, task.template, label_ids, layer_abs, frame, max_length)
+    key = feature_key(model, task.name, texts, task.template, label_ids, layer_abs, identity or frame, max_length)
     path = cache_dir() / "features" / f"{_safe(task.name)}-L{layer_abs}-{frame}-{key}.safetensors"
     env = resolve_env(distributed, device=model.device, command="calibrate")
     cached = _load(path, key) if cache and path.is_file() else None
@@ -263,7 +303,7 @@ def extract_features(
     prompts, shortened = build_prompts(model, task.template, texts, max_length=max_length)
     if shortened:
         warnings.warn(f"{shortened} text(s) were shortened to fit max_length={max_length} tokens.", stacklevel=2)
-    tensors = _forward_features(model, prompts, layer_abs, frame, label_ids, batch_size, progress, env)
+    tensors = _forward_features(model, prompts, layer_abs, lens, label_ids, batch_size, progress, env)
     seconds = time.perf_counter() - started
     if cache and env.is_main:
         try:
@@ -279,7 +319,7 @@ def _forward_features(
     model: HookedModel,
     prompts: list[str],
     layer: int,
-    frame: str,
+    lens: Lens,
     label_ids: list[int],
     batch_size: int,
     progress: bool,
@@ -301,10 +341,8 @@ def _forward_features(
         # One capture of the (at most two) layers; it stops after the last block, before the unembedding.
         acts = next(iter_capture(model, tokens, layers=layers, batch_size=len(rows))).acts["resid_post"]
         with torch.no_grad():
-            resid = acts[layers.index(layer)]  # [real tokens of the batch, d], text by text
-            if frame == "final_norm":
-                resid = model.final_norm(resid)
-            resid = resid.float()
+            # [real tokens of the batch, d], text by text, in the lens's frame
+            resid = lens(acts[layers.index(layer)], layer).float()
             count = tokens.mask.sum(dim=1).to(resid.device)
             doc = torch.repeat_interleave(torch.arange(len(rows), device=resid.device), count)
             last = count.cumsum(0) - 1  # each text's last token
@@ -348,8 +386,6 @@ def _save(
 def _load(path: Path, key: str) -> tuple[dict[str, Tensor], float] | None:
     """A cache entry, or None when it is unreadable or stale (it is then recomputed and overwritten)."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         tensors = load_file(str(path))

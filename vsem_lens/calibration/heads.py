@@ -1,4 +1,6 @@
-"""Semantic calibration: a neural clustering head trained on detached zero-shot representations.
+"""Semantic calibration: the neural clustering head estimator trained on detached zero-shot representations
+(its torch modules are in :mod:`vsem_lens.calibration.head_modules`, its file format in
+:mod:`vsem_lens.calibration.head_files`).
 
 The head (Gu et al., paper v6; docs/concepts/calibration.md) maps a representation ``r`` (by default the LM-head input
 at the last prompt token, see :mod:`vsem_lens.calibration.features`) to ``lambda(r)``, and classifies by the
@@ -64,147 +66,26 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+import numbers
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..core.errors import ArtifactError, InputError, NumericalError, check_positive_int
-from ..core.io import atomic_write
+from ..geometry.isotropy import istar_penalty
+from .checks import check_head_input, class_indices, finite_float, nonnegative_float, positive_float
+from .head_checkpoint import load_training_state, save_training_state, training_run_id
+from .head_files import read_head_files, write_head_files
+from .head_modules import HEADS, build_head_module, split_head_input
+from .threads import torch_threads
 
-FORMAT_VERSION = 1
-HEADS = ("clustering", "prototype")
 MAX_SCALE = 100.0
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (``None`` leaves it alone).
-
-    Small-matrix training loops are much faster on one thread on a busy CPU: on the shared 2-core
-    machine, 20 epochs of the head took 1.0 s on one thread and 30 s on two (OpenMP threads spinning
-    against other processes).
-
-    Example:
-        >>> with torch_threads(1):
-        ...     torch.get_num_threads()
-        1
-    """
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-# -- modules -------------------------------------------------------------------------------------
-class ChannelAttention(nn.Module):
-    """CBAM/SE channel gate ``sigmoid(Bn(avg) + Bn(max))`` with one shared bottleneck d -> d/r -> d.
-
-    Example:
-        >>> gate = ChannelAttention(32, reduction=16)
-        >>> gate(torch.randn(4, 32), torch.randn(4, 32)).shape
-        torch.Size([4, 32])
-    """
-
-    def __init__(self, d: int, reduction: int = 16):
-        super().__init__()
-        hidden = max(1, d // reduction)
-        self.bottleneck = nn.Sequential(nn.Linear(d, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, d, bias=False))
-
-    def forward(self, avg: Float[Tensor, "batch d"], mx: Float[Tensor, "batch d"]) -> Float[Tensor, "batch d"]:
-        return torch.sigmoid(self.bottleneck(avg) + self.bottleneck(mx))
-
-
-def _mlp(d: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, d, bias=False))
-
-
-def _split_input(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(r, avg, max) from a [batch, d] (avg = max = r) or [batch, 3, d] (last, mean, max) input."""
-    if x.dim() == 3:
-        return x[:, 0], x[:, 1], x[:, 2]
-    return x, x, x
-
-
-class ClusteringModule(nn.Module):
-    """``lambda(r) = LN(MLP(r * CA(r)))`` (see the module docstring); input [b, d] or [b, 3, d].
-
-    Example:
-        >>> ClusteringModule(64)(torch.randn(2, 3, 64))[0].shape
-        torch.Size([2, 64])
-    """
-
-    def __init__(self, d: int, *, channel_attention: bool = True, reduction: int = 16):
-        super().__init__()
-        self.ca = ChannelAttention(d, reduction) if channel_attention else None
-        self.mlp = _mlp(d)
-        self.ln = nn.LayerNorm(d)
-
-    def forward(self, x: Tensor) -> tuple[Float[Tensor, "batch d"], Tensor | None]:
-        r, avg, mx = _split_input(x)
-        if self.ca is not None:
-            r = r * self.ca(avg, mx)
-        return self.ln(self.mlp(r)), None
-
-
-class PrototypeModule(nn.Module):
-    """The authors' prototype: encoder MLP (classified) + decoder MLP (reconstructs ``r``).
-
-    Example:
-        >>> z, recon = PrototypeModule(16)(torch.randn(2, 16)); z.shape, recon.shape
-        (torch.Size([2, 16]), torch.Size([2, 16]))
-    """
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.encoder = _mlp(d)
-        self.decoder = _mlp(d)
-
-    def forward(self, x: Tensor) -> tuple[Float[Tensor, "batch d"], Float[Tensor, "batch d"]]:
-        r = _split_input(x)[0]
-        z = self.encoder(r)
-        return z, self.decoder(z)
-
-
-# -- metrics -------------------------------------------------------------------------------------
-def classification_metrics(y_true: Any, y_pred: Any, n_classes: int | None = None) -> dict[str, float]:
-    """Accuracy and macro-F1 (the unweighted mean of per-class F1; a class never predicted and never
-    present is left out, one present but never predicted counts 0).
-
-    Example:
-        >>> classification_metrics([0, 0, 1, 1], [0, 1, 1, 1])
-        {'accuracy': 0.75, 'macro_f1': 0.7333333333333334}
-    """
-    t = torch.as_tensor(y_true).long().reshape(-1)
-    p = torch.as_tensor(y_pred).long().reshape(-1)
-    if t.numel() != p.numel() or t.numel() == 0:
-        raise InputError(f"y_true and y_pred must be non-empty and the same length ({t.numel()} vs {p.numel()}).")
-    k = int(n_classes) if n_classes is not None else int(max(t.max(), p.max())) + 1
-    f1s = []
-    for c in range(k):
-        tp = int(((p == c) & (t == c)).sum())
-        fp = int(((p == c) & (t != c)).sum())
-        fn = int(((p != c) & (t == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float((t == p).double().mean()), "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
-
 
 # -- the head ------------------------------------------------------------------------------------
 class NeuralClusteringHead:
@@ -284,19 +165,19 @@ class NeuralClusteringHead:
         self.head = head
         self.channel_attention = bool(channel_attention)
         self.reduction = check_positive_int(reduction, "reduction")
-        self.temperature = _positive_float(temperature, "temperature")
+        self.temperature = positive_float(temperature, "temperature")
         self.learn_temperature = bool(learn_temperature)
-        self.lr = _positive_float(lr, "lr")
-        self.weight_decay = _nonnegative_float(weight_decay, "weight_decay")
+        self.lr = positive_float(lr, "lr")
+        self.weight_decay = nonnegative_float(weight_decay, "weight_decay")
         self.epochs = check_positive_int(epochs, "epochs")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.patience = None if patience is None else check_positive_int(patience, "patience")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise InputError(f"seed must be an integer, got {seed!r}.")
-        self.seed = seed
-        self.recon_weight = _nonnegative_float(recon_weight, "recon_weight")
-        self.istar_weight = _finite_float(istar_weight, "istar_weight")
-        self.istar_zeta = _finite_float(istar_zeta, "istar_zeta")
+        self.seed = int(seed)
+        self.recon_weight = nonnegative_float(recon_weight, "recon_weight")
+        self.istar_weight = finite_float(istar_weight, "istar_weight")
+        self.istar_zeta = finite_float(istar_zeta, "istar_zeta")
         if not 0.0 <= self.istar_zeta <= 1.0:
             raise InputError(f"istar_zeta must be in [0, 1], got {istar_zeta}.")
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -357,9 +238,7 @@ class NeuralClusteringHead:
         return sum(p.numel() for p in module.parameters())
 
     def _build_module(self) -> nn.Module:
-        if self.head == "prototype":
-            return PrototypeModule(self.d_model)
-        return ClusteringModule(self.d_model, channel_attention=self.channel_attention, reduction=self.reduction)
+        return build_head_module(self.head, self.d_model, channel_attention=self.channel_attention, reduction=self.reduction)
 
     def _init_state(self) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -380,10 +259,8 @@ class NeuralClusteringHead:
         logits = self._scale() * self._cosines(z)
         loss = F.cross_entropy(logits, yb)
         if recon is not None and self.recon_weight > 0:
-            loss = loss + self.recon_weight * F.mse_loss(recon, _split_input(xb)[0])
+            loss = loss + self.recon_weight * F.mse_loss(recon, split_head_input(xb)[0])
         if self.istar_weight != 0 and z.shape[0] >= 2:
-            from ..geometry.isotropy import istar_penalty
-
             penalty = istar_penalty(z[None, :, None, :], None, zeta=self.istar_zeta, weight=self.istar_weight)
             loss = loss + penalty.to(loss.dtype)
         return loss, logits
@@ -448,20 +325,7 @@ class NeuralClusteringHead:
         for epoch in range(state["epoch"] + 1, self.epochs):
             if state["done"]:
                 break
-            self.module_.train()
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in range(0, n, self.batch_size):
-                index = order[start : start + self.batch_size]
-                loss, _ = self._losses(X[index], y[index])
-                if not torch.isfinite(loss):
-                    raise NumericalError(
-                        f"the training loss became {float(loss)} at epoch {epoch}; lower lr or check the features."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * index.numel()
+            total = self._train_epoch(X, y, optimizer, generator, epoch)
             record = {"epoch": epoch, "train_loss": total / n, "temperature": float(1.0 / self._scale().detach())}
             if has_val:
                 val_loss, val_acc = self._evaluate(Xv, yv)
@@ -494,6 +358,24 @@ class NeuralClusteringHead:
         self.best_epoch_ = state["best_epoch"]
         return self
 
+    def _train_epoch(self, X: Tensor, y: Tensor, optimizer, generator: torch.Generator, epoch: int) -> float:
+        """One shuffled pass over ``(X, y)``; returns the summed (example-weighted) training loss."""
+        self.module_.train()
+        order = torch.randperm(X.shape[0], generator=generator)
+        total = 0.0
+        for start in range(0, X.shape[0], self.batch_size):
+            index = order[start : start + self.batch_size]
+            loss, _ = self._losses(X[index], y[index])
+            if not torch.isfinite(loss):
+                raise NumericalError(
+                    f"the training loss became {float(loss)} at epoch {epoch}; lower lr or check the features."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * index.numel()
+        return total
+
     def _evaluate(self, X: Tensor, y: Tensor) -> tuple[float, float]:
         self.module_.eval()
         with torch.no_grad():
@@ -516,48 +398,19 @@ class NeuralClusteringHead:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _run_id(self, X: Tensor, y: Tensor, Xv: Tensor | None, yv: Tensor | None) -> str:
-        digest = hashlib.blake2b(digest_size=12)
-        digest.update(json.dumps(self.get_config(), sort_keys=True).encode())
-        for tensor in (self.label_bases, X, y, Xv, yv):
-            if tensor is not None:
-                digest.update(str(tuple(tensor.shape)).encode())
-                digest.update(tensor.contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return training_run_id(self.get_config(), (self.label_bases, X, y, Xv, yv))
 
     def _save_checkpoint(self, run_id, state, optimizer, generator, best_weights) -> None:
-        path = self.checkpoint_dir
-        path.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": FORMAT_VERSION,
-            "run_id": run_id,
-            "state": json.dumps(state),
-            "weights": self._weights(),
-            "best_weights": best_weights,
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-        }
-        atomic_write(path / "checkpoint.pt", lambda tmp: torch.save(payload, tmp))
+        save_training_state(self.checkpoint_dir, run_id, state, self._weights(), best_weights, optimizer, generator)
 
     def _load_checkpoint(self, run_id, optimizer, generator):
-        path = self.checkpoint_dir / "checkpoint.pt"
-        if not path.is_file():
+        payload = load_training_state(self.checkpoint_dir, run_id)
+        if payload is None:
             return None
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            state = json.loads(payload["state"])
-        except Exception as exc:  # a torn or foreign file
-            raise ArtifactError(
-                f"the checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to start over."
-            ) from exc
-        if payload.get("run_id") != run_id:
-            raise ArtifactError(
-                f"the checkpoint in {self.checkpoint_dir} belongs to another training run (different data or "
-                "settings); use another checkpoint_dir, delete it, or pass resume=False to start over."
-            )
         self._set_weights(payload["weights"])
         optimizer.load_state_dict(payload["optimizer"])
         generator.set_state(payload["generator"])
-        return state, payload["best_weights"]
+        return payload["state"], payload["best_weights"]
 
     # -- inference -------------------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -617,11 +470,7 @@ class NeuralClusteringHead:
             >>> head.save("my_head")  # doctest: +SKIP
         """
         self._require_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = {
-            "format_version": FORMAT_VERSION,
-            "kind": "vsem_lens.NeuralClusteringHead",
             "config": self.get_config(),
             "d_model": self.d_model,
             "input_shape": list(self.input_shape_),
@@ -631,9 +480,7 @@ class NeuralClusteringHead:
         }
         weights = {k: v.contiguous() for k, v in self._weights().items()}
         weights["label_bases"] = self.label_bases.contiguous()
-        atomic_write(path / "weights.safetensors", lambda tmp: save_file(weights, str(tmp)))
-        atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-        return path
+        return write_head_files(path, config, weights)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuralClusteringHead":
@@ -642,18 +489,7 @@ class NeuralClusteringHead:
         Example:
             >>> head = NeuralClusteringHead.load("my_head")  # doctest: +SKIP
         """
-        path = Path(path)
-        try:
-            config = json.loads((path / "config.json").read_text())
-            weights = load_file(str(path / "weights.safetensors"))
-        except FileNotFoundError as exc:
-            raise ArtifactError(f"{path} holds no saved head (config.json + weights.safetensors): {exc}") from None
-        except Exception as exc:
-            raise ArtifactError(f"could not read the head in {path}: {type(exc).__name__}: {exc}") from exc
-        if config.get("kind") != "vsem_lens.NeuralClusteringHead" or "label_bases" not in weights:
-            raise ArtifactError(f"{path} does not hold a vsem-lens calibration head.")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(f"the head in {path} was saved by a newer vsem-lens; upgrade to load it.")
+        config, weights = read_head_files(path)
         head = cls(weights.pop("label_bases"), metadata=config.get("metadata"), **config["config"])
         head.input_shape_ = tuple(config["input_shape"])
         head._init_state()
@@ -668,48 +504,10 @@ class NeuralClusteringHead:
 
     # -- validation ------------------------------------------------------------------------------
     def _check_X(self, X: Any, name: str, *, fitting: bool = False) -> Tensor:
-        try:
-            X = torch.as_tensor(X).detach().to("cpu", torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{name} must be a numeric array/tensor: {exc}") from None
-        if X.dim() not in (2, 3) or X.shape[-1] != self.d_model or (X.dim() == 3 and X.shape[1] != 3):
-            raise InputError(
-                f"{name} must be [n, {self.d_model}] or [n, 3, {self.d_model}] (last, mean, max), got {tuple(X.shape)}."
-            )
-        if X.shape[0] == 0:
-            raise InputError(f"{name} is empty.")
-        if not fitting and self.input_shape_ is not None and tuple(X.shape[1:]) != self.input_shape_:
-            raise InputError(
-                f"{name} has per-example shape {tuple(X.shape[1:])} but the head was fitted on {self.input_shape_}; "
-                "use the same feature pooling as in training."
-            )
-        if not torch.isfinite(X).all():
-            raise NumericalError(f"{name} contains NaN or inf.")
-        return X
+        return check_head_input(X, name, self.d_model, None if fitting else self.input_shape_)
 
     def _check_y(self, y: Any, n: int, name: str) -> Tensor:
-        if isinstance(y, Tensor):
-            values = y.detach().cpu().reshape(-1).tolist()
-        else:
-            values = list(y)
-        if len(values) != n:
-            raise InputError(f"{name} has {len(values)} labels for {n} examples.")
-        index = {c: i for i, c in enumerate(self.classes)}
-        out = []
-        for v in values:
-            if isinstance(v, str):
-                if v not in index:
-                    raise InputError(f"{name} holds label {v!r}, not one of the classes {self.classes}.")
-                out.append(index[v])
-            else:
-                try:
-                    iv = int(v)
-                except (TypeError, ValueError):
-                    raise InputError(f"{name} holds {v!r}, neither a class index nor a class name.") from None
-                if iv != v or not 0 <= iv < self.n_classes:
-                    raise InputError(f"{name} holds {v!r}, not a class index in 0..{self.n_classes - 1}.")
-                out.append(iv)
-        return torch.tensor(out, dtype=torch.long)
+        return class_indices(y, n, name, self.classes)
 
     def __repr__(self) -> str:
         state = "fitted" if self.module_ is not None else "not fitted"
@@ -719,213 +517,4 @@ class NeuralClusteringHead:
         )
 
 
-# -- end to end ----------------------------------------------------------------------------------
-class CalibratedModel:
-    """A hooked model + a fitted head + a task: classify new texts end to end.
-
-    Args:
-        model: the :class:`~vsem_lens.core.models.HookedModel` the features come from.
-        head: a fitted :class:`NeuralClusteringHead`.
-        task: the task (gives the template and label words); only its prompt is used.
-        layer, frame, pool, max_length: how features are extracted (as in training).
-
-    Example:
-        >>> cm = CalibratedModel.fit(model, load_task("sentiment"), epochs=50)   # doctest: +SKIP
-        >>> cm.predict(["A delight from start to finish."])                       # doctest: +SKIP
-        ['positive']
-        >>> cm.representation(["Dull."]).shape                                    # doctest: +SKIP
-        torch.Size([1, 576])
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        head: NeuralClusteringHead,
-        task: Any,
-        *,
-        layer: int = -1,
-        frame: str = "final_norm",
-        pool: str = "tokens",
-        max_length: int | None = None,
-    ):
-        from .features import POOLS
-
-        if head.module_ is None:
-            raise InputError("the head is not fitted; fit it first or use CalibratedModel.fit.")
-        if pool not in POOLS:
-            raise InputError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}.")
-        if list(head.classes) != list(task.label_names):
-            raise InputError(f"the head's classes {head.classes} differ from the task's {task.label_names}.")
-        self.model, self.head, self.task = model, head, task
-        self.layer, self.frame, self.pool, self.max_length = layer, frame, pool, max_length
-
-    @classmethod
-    def fit(
-        cls,
-        model: Any,
-        task: Any,
-        *,
-        layer: int = -1,
-        frame: str = "final_norm",
-        pool: str = "tokens",
-        max_length: int | None = None,
-        progress: bool = True,
-        features: Mapping[str, Any] | None = None,
-        **head_kwargs: Any,
-    ) -> "CalibratedModel":
-        """Extract (cached) features of the task's ``train``/``validation`` splits and fit a head.
-
-        ``head_kwargs`` go to :class:`NeuralClusteringHead`. Without a ``validation`` split no early
-        stopping is done. ``features`` (by split name) are used instead of extracting them again, e.g.
-        the ones a ``torchrun`` run extracted with ``extract_features(..., distributed=env)``.
-
-        Example:
-            >>> cm = CalibratedModel.fit(model, load_task("topic"), head="prototype")  # doctest: +SKIP
-        """
-        from ..readout.basis import SemanticBasis
-        from .features import extract_features
-
-        basis = SemanticBasis.from_model(model)
-        bases = basis.for_words(task.label_words)
-        head = NeuralClusteringHead(bases, classes=task.label_names, **head_kwargs)
-        given = dict(features or {})
-
-        def split_input(name: str) -> list[Any]:
-            split = task.split(name)
-            if name not in given:
-                given[name] = extract_features(
-                    model, split, layer=layer, frame=frame, max_length=max_length, progress=progress
-                )
-            return [given[name].head_input(pool), split.y]
-
-        args = split_input("train") + (split_input("validation") if task.has_split("validation") else [])
-        head.metadata.update(_prompt_metadata(model, task, layer, frame, pool, max_length))
-        head.fit(*args)
-        return cls(model, head, task, layer=layer, frame=frame, pool=pool, max_length=max_length)
-
-    def features(self, texts: Sequence[str], *, cache: bool = False) -> Tensor:
-        """Head input of texts (their zero-shot prompt features)."""
-        from ..core.models import check_texts
-        from .features import extract_features
-
-        texts = check_texts(texts)
-        feats = extract_features(
-            self.model, self.task, texts=texts, layer=self.layer, frame=self.frame,
-            max_length=self.max_length, cache=cache, progress=False,
-        )
-        return feats.head_input(self.pool)
-
-    def predict(self, texts: str | Sequence[str]) -> list[str]:
-        """Label of each text."""
-        return self.head.predict_labels(self.features(texts))
-
-    def predict_proba(self, texts: str | Sequence[str]) -> Float[Tensor, "n k"]:
-        """Class probabilities of each text (columns in ``task.label_names`` order)."""
-        return self.head.predict_proba(self.features(texts))
-
-    def representation(self, texts: str | Sequence[str]) -> Float[Tensor, "n d_model"]:
-        """The calibrated representation ``lambda(r)`` of each text (for the analyses)."""
-        return self.head.transform(self.features(texts))
-
-    def evaluate(self, task: Any, *, cache: bool = True) -> dict[str, float]:
-        """Accuracy and macro-F1 on a labelled task (e.g. ``task.split("test")``)."""
-        from .features import extract_features
-
-        feats = extract_features(
-            self.model, task, layer=self.layer, frame=self.frame, max_length=self.max_length, cache=cache, progress=False
-        )
-        return classification_metrics(task.y, self.head.predict(feats.head_input(self.pool)), task.n_classes)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save the head with everything needed to rebuild the classifier (model spec, prompt, layer)."""
-        self.head.metadata.update(_prompt_metadata(self.model, self.task, self.layer, self.frame, self.pool, self.max_length))
-        return self.head.save(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, model: Any = None) -> "CalibratedModel":
-        """Load a saved classifier; loads the recorded model unless ``model`` is given (a hooked model,
-        or a model spec for :func:`~vsem_lens.core.models.load_model`, loaded with the recorded BOS rule).
-
-        Example:
-            >>> cm = CalibratedModel.load("calibration-out/head")  # doctest: +SKIP
-        """
-        from ..core.models import load_model
-        from .datasets import TextClassificationTask
-
-        head = NeuralClusteringHead.load(path)
-        meta = head.metadata
-        required = ("template", "verbalizer", "layer", "frame", "pool")
-        missing = [k for k in required if k not in meta]
-        if missing:
-            raise ArtifactError(f"the head in {path} lacks the prompt metadata {missing}; save it with CalibratedModel.save.")
-        if model is None or isinstance(model, (str, os.PathLike)):
-            spec = meta.get("model", "embedded") if model is None else model
-            model = load_model(spec, prepend_bos=bool(meta.get("prepend_bos", False)))
-        if meta.get("fingerprint") and meta["fingerprint"] != model.fingerprint:
-            raise ArtifactError(
-                f"the head in {path} was trained on another model (fingerprint {meta['fingerprint']} vs "
-                f"{model.fingerprint}); pass the model it was trained with."
-            )
-        verbalizer = dict(meta["verbalizer"])
-        task = TextClassificationTask(
-            meta.get("task", "task"), ["-"] * 2, list(verbalizer)[:2], ["train", "train"], verbalizer, meta["template"]
-        )
-        return cls(model, head, task, layer=int(meta["layer"]), frame=meta["frame"], pool=meta["pool"], max_length=meta.get("max_length"))
-
-    def __repr__(self) -> str:
-        return f"CalibratedModel({self.model!r}, {self.head!r}, task={self.task.name!r}, layer={self.layer})"
-
-
-def _prompt_metadata(model, task, layer, frame, pool, max_length) -> dict:
-    name = getattr(model, "name", "")
-    spec = "embedded" if name == "SmolLM2-135M-Instruct" else name
-    return {
-        "model": spec,
-        "fingerprint": getattr(model, "fingerprint", ""),
-        "prepend_bos": bool(getattr(model, "prepend_bos", False)),
-        "task": task.name,
-        "template": task.template,
-        "verbalizer": dict(task.verbalizer),
-        "layer": int(layer) % model.n_layers if hasattr(model, "n_layers") else int(layer),
-        "frame": frame,
-        "pool": pool,
-        "max_length": max_length,
-    }
-
-
-# -- argument checks -----------------------------------------------------------------------------
-def _finite_float(value: Any, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(out):
-        raise InputError(f"{name} must be finite, got {value!r}.")
-    return out
-
-
-def _positive_float(value: Any, name: str) -> float:
-    out = _finite_float(value, name)
-    if out <= 0:
-        raise InputError(f"{name} must be positive, got {value!r}.")
-    return out
-
-
-def _nonnegative_float(value: Any, name: str) -> float:
-    out = _finite_float(value, name)
-    if out < 0:
-        raise InputError(f"{name} must be >= 0, got {value!r}.")
-    return out
-
-
-__all__ = [
-    "CalibratedModel",
-    "ChannelAttention",
-    "ClusteringModule",
-    "NeuralClusteringHead",
-    "PrototypeModule",
-    "classification_metrics",
-    "torch_threads",
-]
-
-
+__all__ = ["NeuralClusteringHead"]

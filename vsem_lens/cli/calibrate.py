@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.io import atomic_write
+from ..lenses.frames import FRAMES
 from .common import (
     add_distributed_argument,
     add_model_arguments,
@@ -73,7 +74,9 @@ def _unescape(template: str | None) -> str | None:
 
 def load_cli_task(args: argparse.Namespace):
     """The task of ``--task`` (name or file) with train/validation/test splits (see ``ensure_splits``)."""
-    from ..calibration.datasets import EMBEDDED_TASKS, ensure_splits, load_task, load_task_file
+    from ..calibration.shipped_tasks import EMBEDDED_TASKS, load_task
+    from ..calibration.splits import ensure_splits
+    from ..calibration.task_files import load_task_file
 
     verbalizer = parse_verbalizer(args.verbalizer)
     template = _unescape(args.template)
@@ -89,20 +92,23 @@ def load_cli_task(args: argparse.Namespace):
         task = load_task_file(path, split_column=args.split_column, **kw)
     test = None
     if args.test:
-        from ..calibration.datasets import load_task_file as load_file
+        from ..calibration.task_files import load_task_file as load_file
 
         test = load_file(args.test, text_column=args.text_column, label_column=args.label_column,
                          verbalizer=dict(task.verbalizer), template=task.template, name=task.name)
     return ensure_splits(task, test=test, seed=args.seed)
 
 
+# The command's whole pipeline in order (load, features, head, baselines, outputs); about 100 lines.
 def run_calibrate(args: argparse.Namespace) -> int:
     """Load the model and task, train the head, run the baselines, write the outputs."""
     import torch
 
-    from ..calibration.baselines import parse_baselines, results_table, run_baselines
+    from ..calibration.baselines import parse_baselines, run_baselines
+    from ..calibration.calibrated import CalibratedModel
     from ..calibration.features import extract_features
-    from ..calibration.heads import CalibratedModel, classification_metrics
+    from ..calibration.metrics import classification_metrics
+    from ..calibration.results import results_table
     from ..core.distributed import destroy
 
     baselines = parse_baselines(args.baselines)
@@ -196,7 +202,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """Classify texts with a saved head."""
-    from ..calibration.heads import CalibratedModel
+    from ..calibration.calibrated import CalibratedModel
     from ..core.errors import ArtifactError
 
     head_dir = Path(args.head)
@@ -243,7 +249,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--template", default=None, help='prompt with one {text} slot, e.g. "Review: {text}\\nSentiment:"')
     add_model_arguments(parser)
     parser.add_argument("--layer", type=int, default=-1, help="layer of the features (default -1, the last)")
-    parser.add_argument("--frame", default="final_norm", choices=["final_norm", "raw"], help="feature frame (default final_norm)")
+    parser.add_argument(
+        "--frame", default="final_norm", choices=list(FRAMES),
+        help="feature frame (default final_norm; tuned needs a tuned lens cached by `vsem-lens lens train`)",
+    )
     parser.add_argument("--pool", default="tokens", choices=["tokens", "vector"],
                         help="channel-attention pooling: over the prompt's tokens (default) or the last vector only")
     parser.add_argument("--head", default="clustering", choices=["clustering", "prototype"], help="head architecture")
