@@ -102,7 +102,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     model = vl.load_model("embedded")
-    hf = AutoModelForCausalLM.from_pretrained(vl.core.models.embedded_model_dir(), attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(vl.core.loading.embedded_model_dir(), attn_implementation="eager").eval()
     batches = [model.tokenize(TEXTS[i : i + args.batch_size]) for i in range(0, len(TEXTS), args.batch_size)]
     n_tokens = sum(int(b.mask.sum()) for b in batches)
     padded = sum(b.ids.numel() for b in batches)

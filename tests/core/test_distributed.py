@@ -316,7 +316,7 @@ def test_torchrun_feature_extraction_equals_one_process(tiny_model_dir, dir_mode
     writes the same head and metrics as a single-process `calibrate`."""
     from _tasks import tiny_task
 
-    from vsem_lens.calibration.heads import CalibratedModel
+    from vsem_lens.calibration import CalibratedModel
     from vsem_lens.cli import main
 
     out, script = tmp_path / "features.pt", tmp_path / "worker.py"

@@ -19,7 +19,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.errors import ArtifactError, InputError
-from ..core.models import check_texts, load_model
+from ..core.loading import load_model
+from ..core.models import check_texts
 from ..lenses.base import Lens
 from ..lenses.frames import resolve_frame
 from ..readout.basis import SemanticBasis
@@ -157,7 +158,7 @@ class CalibratedModel:
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None, *, lens: Lens | None = None) -> "CalibratedModel":
         """Load a saved classifier; loads the recorded model unless ``model`` is given (a hooked model,
-        or a model spec for :func:`~vsem_lens.core.models.load_model`, loaded with the recorded BOS rule).
+        or a model spec for :func:`~vsem_lens.core.loading.load_model`, loaded with the recorded BOS rule).
         A head trained in the ``tuned`` frame needs the same tuned lens (``lens=`` or the cached one).
 
         Example:

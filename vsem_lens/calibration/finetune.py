@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..core.errors import InputError, ModelLoadError, check_positive_int
+from ..core.loading import EMBEDDED_NAME, embedded_model_dir
 from ..core.logits import Unembedding
-from ..core.models import EMBEDDED_NAME, HookedModel, embedded_model_dir
+from ..core.models import HookedModel
 from .datasets import TextClassificationTask
 from .features import build_prompts, label_token_ids
 from .results import BaselineResult, baseline_result

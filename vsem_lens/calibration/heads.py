@@ -49,7 +49,7 @@ initialised under the same seed; early stopping once validation accuracy has not
 the lower validation loss). Paper: 100 epochs, batch 256; the
 prototype used lr 1e-4, our default 1e-3 (with a few hundred examples, batch 256 means 2 steps per
 epoch, and 200 steps at 1e-4 underfit). Optional I-STAR regulariser on the head outputs
-(``istar_weight``, ``istar_zeta``; :func:`vsem_lens.geometry.isotropy.istar_penalty`). With
+(``istar_weight``, ``istar_zeta``; :func:`vsem_lens.geometry.istar.istar_penalty`). With
 ``checkpoint_dir`` the full training state (weights, AdamW moments, shuffling generator, epoch,
 early-stopping state, history) is written atomically after every epoch; an interrupted ``fit`` on the
 same data resumes from it and ends with bit-identical weights.
@@ -78,7 +78,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..core.errors import ArtifactError, InputError, NumericalError, check_positive_int
-from ..geometry.isotropy import istar_penalty
+from ..geometry.istar import istar_penalty
 from .checks import check_head_input, class_indices, finite_float, nonnegative_float, positive_float
 from .head_checkpoint import load_training_state, save_training_state, training_run_id
 from .head_files import read_head_files, write_head_files
@@ -108,7 +108,7 @@ class NeuralClusteringHead:
         seed: seeds the initial weights and the shuffling (paper 42).
         recon_weight: weight of the prototype's reconstruction MSE.
         istar_weight, istar_zeta: I-STAR regulariser ``istar_weight * (1 - IsoScore*)`` on the head
-            outputs of each mini-batch (0 = off; sign as in :func:`vsem_lens.geometry.isotropy.istar_penalty`).
+            outputs of each mini-batch (0 = off; sign as in :func:`vsem_lens.geometry.istar.istar_penalty`).
         checkpoint_dir: write the training state there after every epoch and resume from it.
         num_threads: torch threads while fitting (default 1, see :func:`torch_threads`; ``None``
             keeps torch's setting). Results do not depend on it beyond float rounding.
