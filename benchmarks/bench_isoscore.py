@@ -2,7 +2,7 @@
 
 Both sides see the same float32 points [N, 576] (SmolLM2's d_model): an anisotropic cloud with a few
 outlier dimensions, one with a mean of 300, generated chunk by chunk from a seed. Ours streams the
-chunks (8192 rows each) through a float64 :class:`~vsem_lens.core.stats.Moments` and never holds all the
+chunks (8192 rows each) through a float64 :class:`~vsem_lens.core.moments.Moments` and never holds all the
 points; the package needs them all in memory (``IsoScore(points)`` then copies them and
 ``torch.cov`` centres a further copy, in float32). Each measurement runs in its own subprocess so
 peak-RSS figures are clean; peak RSS growth is sampled every 2 ms by a background thread (psutil).
@@ -84,7 +84,7 @@ def chunk_sizes(n_points: int):
 def worker_ours(n_points: int, dim: int, seed: int) -> dict:
     import torch
 
-    from vsem_lens.core.stats import Moments
+    from vsem_lens.core.moments import Moments
     from vsem_lens.geometry.metrics import isoscore
 
     torch.set_grad_enabled(False)

@@ -1,4 +1,4 @@
-"""Tests of vsem_lens.core.stats.Moments: exact merging, masking, stability, persistence, errors."""
+"""Tests of vsem_lens.core.moments.Moments and the Stat protocol of vsem_lens.core.stats: exact merging, masking, stability, persistence, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vsem_lens.core.errors import ArtifactError, InputError, NumericalError
-from vsem_lens.core.stats import Moments, RunningScalars, Stat
+from vsem_lens.core.moments import Moments
+from vsem_lens.core.stats import RunningScalars, Stat
 
 
 def _gen(seed: int = 0) -> torch.Generator:

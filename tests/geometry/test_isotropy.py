@@ -20,7 +20,7 @@ from vsem_lens.geometry import (
     participation_ratio,
     reference_covariance,
 )
-from vsem_lens.core.stats import Moments
+from vsem_lens.core.moments import Moments
 
 F64 = torch.float64
 

@@ -10,7 +10,8 @@ from .errors import ArtifactError, DataError, InputError, ModelLoadError, Numeri
 from .loading import load_model
 from .logits import Unembedding, final_distribution
 from .models import HookedModel
-from .stats import Moments, RunningScalars
+from .moments import Moments
+from .stats import RunningScalars, Stat
 
 __all__ = [
     "ActivationBatch",
@@ -23,6 +24,7 @@ __all__ = [
     "Moments",
     "NumericalError",
     "RunningScalars",
+    "Stat",
     "Unembedding",
     "VocabularyError",
     "VsemLensError",

@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError, check_layer_index
+from .errors import InputError, NumericalError, check_layer_index, check_positive_int
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -187,12 +187,13 @@ def iter_capture(
         >>> for batch in iter_capture(model, corpus, layers=[10]):  # doctest: +SKIP
         ...     stats.update(batch.acts["resid_post"][0])
     """
+    # One generator on purpose (~75 lines of code): the hooks write into per-batch buffers that the
+    # forward, the early stop and the batch assembly below share.
     pretokenized = texts if isinstance(texts, Tokens) else None
     n_texts = pretokenized.ids.shape[0] if pretokenized is not None else len(texts := check_texts(texts))
     sites = check_sites(sites)
     layer_list = check_layers(layers, model.n_layers)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    batch_size = check_positive_int(batch_size, "batch_size")
     hooks = {site: [hook_name(site, layer) for layer in ([0] if site == "embed" else layer_list)] for site in sites}
     starts = range(0, n_texts, batch_size)
     for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):

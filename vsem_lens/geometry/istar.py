@@ -20,7 +20,8 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from ..core.errors import InputError
-from ..core.stats import Moments, as_tensor
+from ..core.moments import Moments
+from ..core.stats import as_tensor
 from .metrics import isoscore_star
 
 

@@ -1,7 +1,7 @@
 r"""IsoScore, IsoScore* and their covariance companions (participation ratio, outlier dimensions).
 
 Pure tensor functions (no model code). They take a point cloud ``x`` [N, n] (N points, n dimensions)
-or, where only the covariance matters, a streamed :class:`~vsem_lens.core.stats.Moments`, and compute
+or, where only the covariance matters, a streamed :class:`~vsem_lens.core.moments.Moments`, and compute
 in float64.
 
 Space Utilization", Findings of ACL 2022). With ``lambda`` the eigenvalues of the sample covariance
@@ -43,7 +43,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.errors import InputError, NumericalError
-from ..core.stats import Moments, as_tensor
+from ..core.moments import Moments
+from ..core.stats import as_tensor
 
 PointsOrMoments = Union[Float[Tensor, "n_points dim"], Moments]
 

@@ -24,7 +24,8 @@ from ..core.capture import SITES, ActivationBatch, check_layers, check_sites
 from ..core.distributed import all_reduce_moments, all_reduce_sum
 from ..core.errors import ArtifactError, InputError, NumericalError
 from ..core.models import HookedModel
-from ..core.stats import Moments, Stat, as_tensor, chan_combine
+from ..core.moments import Moments
+from ..core.stats import Stat, as_tensor, chan_combine
 from ..lenses.base import Lens
 from .cosine import CosineAccumulator
 from .frames import RESIDUAL_SITES, check_site_frame, frame_order, resolve_frames
@@ -43,7 +44,7 @@ class IsotropyState(Stat):
     """Streaming, mergeable isotropy statistics of many (site, layer, frame) point clouds at once.
 
     For every key ``(site, layer, frame)`` it keeps the token count, the float64 mean [d], the centred
-    scatter matrix [d, d] (the :class:`~vsem_lens.core.stats.Moments` state) and the float64 sum of unit
+    scatter matrix [d, d] (the :class:`~vsem_lens.core.moments.Moments` state) and the float64 sum of unit
     vectors [d] (the :class:`CosineAccumulator` state): O(d^2) memory per key, whatever the corpus size.
     Keys are stored stacked, so one batch is folded in with a few batched matmuls (all layers of a
     (site, frame) at once, Chan et al.'s pairwise update accumulated in place with ``baddbmm``) rather
@@ -308,7 +309,7 @@ class IsotropyState(Stat):
     # ------------------------------------------------------------------ views and results
 
     def moments(self, site: str, layer: int, frame: str = "raw") -> Moments:
-        """The :class:`~vsem_lens.core.stats.Moments` of one key (a copy; symmetrised scatter matrix).
+        """The :class:`~vsem_lens.core.moments.Moments` of one key (a copy; symmetrised scatter matrix).
 
         Example:
             >>> isoscore(state.moments("resid_post", 5, "raw"))  # doctest: +SKIP
