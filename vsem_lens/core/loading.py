@@ -10,12 +10,13 @@ The embedded model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI 
 into an fp32 HF directory under the cache (``$VSEM_LENS_CACHE``, default ``~/.cache/vsem-lens``) and
 loaded from there afterwards, without touching the network.
 
+transformers and TransformerLens are imported inside the loaders, when a model is loaded: they take
+seconds to import, and ``import vsem_lens`` does not need them.
+
 Example:
     >>> model = load_model()                       # doctest: +SKIP
     >>> model.n_layers, model.d_model, model.d_vocab  # doctest: +SKIP
     (30, 576, 49152)
-transformers and TransformerLens are imported inside the loaders, when a model is loaded: they take
-seconds to import, and ``import vsem_lens`` does not need them.
 """
 
 from __future__ import annotations
