@@ -183,7 +183,7 @@ class ReadoutKernel:
         for name in readouts:
             if name not in READOUTS:
                 raise InputError(f"unknown readout {name!r}; choose from {', '.join(READOUTS)}.")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.d_vocab:
+        if check_positive_int(k, "k") > model.d_vocab:
             raise InputError(f"k must be between 1 and {model.d_vocab}, got {k}.")
         check_positive_int(max_rows, "max_rows")
         if frame is None:
