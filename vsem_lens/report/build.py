@@ -105,6 +105,7 @@ COHERENCE_SAMPLE = 2048
 
 
 
+# Long mostly by its docstring (every argument of the public entry point); the body is a sequence of named steps.
 def build_report(
     model: HookedModel,
     texts: str | Sequence[str],
@@ -200,9 +201,7 @@ def build_report(
             "tuned_lens": lens_digest(tuned), "world_size": env.world_size,
         }
         checkpoint = Checkpoint(checkpoint_dir, checkpoint_key(model, texts, key_params), env)
-        start_at = checkpoint.restore(stats.named())
-        if start_at:
-            log(f"resuming from checkpoint {checkpoint.path} after {start_at} of {len(my_batches)} batches")
+        start_at = _resume(checkpoint, stats, len(my_batches), log)
     pass_seconds = run_pass(
         model, plan, stats, my_batches, timer=timer, start_at=start_at, checkpoint=checkpoint,
         every=checkpoint_every or 50, progress=progress and env.is_main, on_batch=on_batch,
@@ -271,6 +270,14 @@ def _readouts(model: HookedModel, basis: SemanticBasis, frame: str) -> tuple[dic
     if tuned is not None:
         readouts["tuned_lens"] = ("lens", tuned)
     return readouts, tuned
+
+
+def _resume(checkpoint: Checkpoint, stats: CorpusStats, n_batches: int, log: Callable[[str], None]) -> int:
+    """Load a saved state into ``stats``; the number of this rank's batches already done (0: start afresh)."""
+    start_at = checkpoint.restore(stats.named())
+    if start_at:
+        log(f"resuming from checkpoint {checkpoint.path} after {start_at} of {n_batches} batches")
+    return start_at
 
 
 def _cached_tuned_lens(model: HookedModel) -> Lens | None:

@@ -145,6 +145,7 @@ def figure_description(key: str) -> str:
     return FIGURE_DESCRIPTIONS.get(re.sub(r"_\d+$", "", key), "")
 
 
+# Long because it is the page's prose: five literal reading guides, kept together so the page reads in order.
 def sections(report: Report, example_meta: list[dict[str, Any]]) -> list[Section]:
     """The five sections of the page (titles, reading guides filled in from the summary, figure keys).
 
