@@ -108,9 +108,9 @@ n = resid.shape[1]
 batch = ActivationBatch(acts={{"resid_post": resid}}, layers=list(range(30)), tokens=Tokens(ids, mask),
                         doc_index=torch.arange(n) // 128, positions=torch.arange(n) % 128, token_ids=ids.reshape(-1))
 W, b, unit = model.W_U, model.b_U, basis.unit_vectors
-lens_readout = vl.readout.affinity.LayerReadout(model, basis=basis, readouts=("lens",), k=5)
-both_readout = vl.readout.affinity.LayerReadout(model, basis=basis, k=5)
-aff_readout = vl.readout.affinity.LayerReadout(model, basis=basis, readouts=("affinity",), k=5)
+lens_readout = vl.readout.ReadoutKernel.for_model(model, basis=basis, readouts=("lens",), k=5)
+both_readout = vl.readout.ReadoutKernel.for_model(model, basis=basis, k=5)
+aff_readout = vl.readout.ReadoutKernel.for_model(model, basis=basis, readouts=("affinity",), k=5)
 def floor(which):
     with torch.no_grad():
         for s in range(0, n, 512):
@@ -123,9 +123,9 @@ def tl():
     with torch.no_grad():
         return logit_lens(model.bridge, ids, positions=None, return_type="logits")
 fns = {{
-    "floor_lens": lambda: floor(("lens",)), "ours_lens": lambda: lens_readout(batch),
-    "floor_affinity": lambda: floor(("affinity",)), "ours_affinity": lambda: aff_readout(batch),
-    "floor_both": lambda: floor(("lens", "affinity")), "ours_both": lambda: both_readout(batch),
+    "floor_lens": lambda: floor(("lens",)), "ours_lens": lambda: lens_readout.read_batch(batch),
+    "floor_affinity": lambda: floor(("affinity",)), "ours_affinity": lambda: aff_readout.read_batch(batch),
+    "floor_both": lambda: floor(("lens", "affinity")), "ours_both": lambda: both_readout.read_batch(batch),
     "tl": tl,
 }}
 fn = fns[mode]

@@ -52,13 +52,15 @@ def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
     import vsem_lens as vl
     from _measure import PeakRSS
     from vsem_lens.core.models import embedded_model_dir
-    from vsem_lens.report.build import DEFAULT_LENS_TOKENS, LensAggregator, _plan, build_report
+    from vsem_lens.readout import LensAggregator
+    from vsem_lens.report import plan_corpus
+    from vsem_lens.report.build import DEFAULT_LENS_TOKENS, build_report
 
     lens_tokens = lens_tokens or DEFAULT_LENS_TOKENS
     model = vl.load_model("embedded")
     hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32, attn_implementation="eager").eval()
     texts, source = _texts_with_tokens(model, n_tokens)
-    plan = _plan(model, texts, max_tokens=n_tokens, lens_tokens=lens_tokens, batch_size=8, seed=0)
+    plan = plan_corpus(model, texts, max_tokens=n_tokens, lens_tokens=lens_tokens, batch_size=8, seed=0)
     batches = [model.pad([plan.rows[i] for i in ids]) for ids in plan.batches]
 
     def hf_forward() -> float:

@@ -105,16 +105,16 @@ def test_embedded_paris_emerges_late(embedded):
     assert last_pos[last_pos.layer == 29].affinity_top1.iloc[0] == " Paris"
 
 
-def test_layer_readout_on_a_selection(tiny_model):
+def test_readout_kernel_on_a_selection(tiny_model):
     basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
-    readout = vl.readout.affinity.LayerReadout(tiny_model, basis=basis, k=2)
+    readout = vl.readout.ReadoutKernel.for_model(tiny_model, basis=basis, k=2)
     batch = next(vl.iter_capture(tiny_model, TEXTS, layers=readout.capture_layers, batch_size=3))
-    full = readout(batch)
+    full = readout.read_batch(batch)
     select = torch.arange(batch.n_tokens) % 3 == 0
-    part = readout(batch, select)
+    part = readout.read_batch(batch, select)
     for name in ("lens", "affinity"):
         for key, value in part.readouts[name].items():
             assert torch.allclose(value.double(), full.readouts[name][key][:, select].double(), atol=1e-5), (name, key)
-    none = readout(batch, torch.zeros(batch.n_tokens, dtype=torch.bool))
+    none = readout.read_batch(batch, torch.zeros(batch.n_tokens, dtype=torch.bool))
     assert none.final_ids.shape == (0,) and none.readouts["affinity"]["top_ids"].shape == (tiny_model.n_layers, 0, 2)
     assert set(none.readouts["lens"]) == set(full.readouts["lens"])

@@ -19,12 +19,11 @@ import pytest
 import torch
 
 import vsem_lens as vl
-from vsem_lens.report import build as report_module
-from vsem_lens.readout.affinity import LayerReadout
+from vsem_lens.report import record as report_module
 from vsem_lens.core.capture import iter_capture
 from vsem_lens.cli import main
 from vsem_lens.core.errors import InputError
-from vsem_lens.report.build import LensAggregator, build_report
+from vsem_lens.report.build import build_report
 
 from conftest import TINY_TEXTS
 
@@ -91,41 +90,6 @@ def test_summary_fields(tiny_report, tiny_model):
     assert set(s["figures"]) == set(tiny_report.figures) and all(s["figures"].values())
     assert s["highlights"]
     json.dumps(report_module._jsonable(s))  # JSON-able
-
-
-def test_engine_matches_layer_readout(tiny_model):
-    """Chunked readouts equal unchunked ones; LensAggregator's update/table equals statistics recomputed
-    from LayerReadout."""
-    basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
-    reference = LayerReadout(tiny_model, basis=basis, k=4)
-    engine = LayerReadout(tiny_model, basis=basis, k=4, max_rows=7)  # several chunks per batch
-    agg = LensAggregator(tiny_model, basis, max_rows=5, quantile_capacity=10_000)
-    refs = []
-    for batch in iter_capture(tiny_model, TINY_TEXTS, batch_size=4):
-        ref = reference(batch)
-        out = engine(batch)
-        assert torch.equal(out.final_ids, ref.final_ids)
-        for name in ("lens", "affinity"):
-            for key in ("top_ids", "final_rank"):
-                assert torch.equal(out.readouts[name][key], ref.readouts[name][key]), (name, key)
-            for key in ("top_scores", "final_prob", "final_score", "kl_bits"):
-                torch.testing.assert_close(out.readouts[name][key], ref.readouts[name][key], atol=2e-5, rtol=1e-4)
-        agg.update(batch.acts["resid_post"], batch.layers)
-        refs.append(ref)
-    table = agg.table(frame="final_norm")
-    for name in ("lens", "affinity"):
-        rank = torch.cat([r.readouts[name]["final_rank"] for r in refs], dim=1).double()
-        prob = torch.cat([r.readouts[name]["final_prob"] for r in refs], dim=1).double()
-        kl = torch.cat([r.readouts[name]["kl_bits"] for r in refs], dim=1).double()
-        sub = table[table.readout == name].sort_values("layer")
-        assert (sub["n_tokens"] == rank.shape[1]).all()
-        assert sub["rank_median"].tolist() == rank.quantile(0.5, dim=1).tolist()
-        assert sub["top1_agreement"].tolist() == pytest.approx((rank == 0).double().mean(1).tolist())
-        assert sub["rank_mean"].tolist() == pytest.approx(rank.mean(1).tolist())
-        assert sub["prob_mean"].tolist() == pytest.approx(prob.mean(1).tolist(), abs=1e-6)
-        assert sub["prob_std"].tolist() == pytest.approx(prob.std(1).tolist(), abs=1e-6)
-        assert sub["kl_bits_mean"].tolist() == pytest.approx(kl.mean(1).tolist(), abs=1e-5)
-        assert sub["kl_bits_q75"].tolist() == pytest.approx(kl.quantile(0.75, dim=1).tolist(), abs=1e-5)
 
 
 def test_sample_is_seeded_and_independent_of_batch_size(tiny_model):

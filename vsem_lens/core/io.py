@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the destination folder, fsync, then ``os.replace``.
 
 A reader (or a run interrupted midway) sees either the old file or the complete new one, never a
-partial write. One helper for every artifact the package writes.
+partial write. One helper for every artifact the package writes; :func:`rename_exchange` swaps two
+directories atomically (Linux) for artifacts written as a folder.
 
 Example:
     >>> import tempfile, pathlib
@@ -12,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -118,3 +122,37 @@ def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing directory entries (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns ``False`` (nothing done) where the call is not available (other systems, old kernels, file
+    systems without support), so the caller can fall back to two renames.
+
+    Raises:
+        OSError: the exchange is supported but failed (e.g. a path does not exist).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "a").mkdir(); (root / "b").mkdir(); _ = (root / "a" / "x").write_text("")
+        >>> rename_exchange(root / "a", root / "b") in (True, False)
+        True
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -1,10 +1,14 @@
-"""The layerwise semantic report (``vsem-lens report``): the streamed corpus pass, the result record,
-its figures and the self-contained HTML page.
+"""The layerwise semantic report (``vsem-lens report``): the corpus plan, the streamed pass and its
+checkpoints, the result record, its text and figures, and the self-contained HTML page.
 """
 
-from .build import Report, build_report
+from .build import build_report
+from .plan import CorpusPlan, plan_corpus
+from .record import Report
 
 __all__ = [
+    "CorpusPlan",
     "Report",
     "build_report",
+    "plan_corpus",
 ]

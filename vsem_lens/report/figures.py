@@ -81,6 +81,7 @@ def style(fig: go.Figure, *, height: int | None = None, width: int | None = None
 # ---------------------------------------------------------------------------------- section 1
 
 
+# Long because one heatmap carries cell text, colour scale, hover template and token axes that must agree.
 def plot_affinity_map(df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "final_norm") -> go.Figure:
     """Layer x position heatmap of one example text.
 
@@ -215,6 +216,7 @@ def _band(fig: go.Figure, x: Any, low: Any, high: Any, color: str, group: str, r
     )
 
 
+# Long because four linked panels (rank, agreement, probability, KL) share readout styles and bands.
 def plot_prediction_formation(df: pd.DataFrame, *, d_vocab: int | None = None) -> go.Figure:
     """When does the prediction form: rank, agreement, probability and KL per layer and readout.
 
