@@ -34,7 +34,7 @@ def load():
     from transformers import AutoModelForCausalLM
 
     model = vl.load_model("embedded")
-    hf = AutoModelForCausalLM.from_pretrained(vl.core.models.embedded_model_dir(), attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(vl.core.loading.embedded_model_dir(), attn_implementation="eager").eval()
     return vl, model, hf
 
 

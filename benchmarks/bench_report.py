@@ -4,7 +4,7 @@ For each corpus size N (tokens of the embedded corpus, repeated if it is shorter
 (so that peak RSS is per N) loads the model (excluded from every timing) and measures:
 
 - ``hf``: ``AutoModelForCausalLM`` (eager attention, as the bridge uses) from
-  ``vsem_lens.core.models.embedded_model_dir()``, forward over exactly the report's token batches (same
+  ``vsem_lens.core.loading.embedded_model_dir()``, forward over exactly the report's token batches (same
   length-sorted, right-padded batches of 8 texts).
 - ``report``: ``build_report(model, texts, max_tokens=N)`` with the default ``lens_tokens`` plus
   ``Report.save`` (HTML, CSV, JSON) into a temporary directory. Target: <= 3x ``hf``.
@@ -51,7 +51,7 @@ def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
 
     import vsem_lens as vl
     from _measure import PeakRSS
-    from vsem_lens.core.models import embedded_model_dir
+    from vsem_lens.core.loading import embedded_model_dir
     from vsem_lens.readout import LensAggregator
     from vsem_lens.report import plan_corpus
     from vsem_lens.report.build import DEFAULT_LENS_TOKENS, build_report

@@ -8,7 +8,7 @@ import pytest
 
 import vsem_lens as vl
 from vsem_lens.report import plots
-from vsem_lens.geometry.disentangle import affinity_sparsity_by_layer, basis_coherence, decomposition_by_layer
+from vsem_lens.geometry import affinity_sparsity_by_layer, basis_coherence, decomposition_by_layer
 from vsem_lens.core.errors import InputError
 from vsem_lens.geometry.isotropy import isotropy_by_layer
 

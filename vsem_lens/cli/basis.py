@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 
+import pandas as pd
+
+from ..geometry import basis_coherence
+from ..lenses.frames import check_frame
+from ..readout.basis import SemanticBasis
 from .common import add_model_arguments, load_model_from_args, messenger, parse_positive
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute (or load from the cache) the basis; save it to ``--out``; print the summary."""
-    import pandas as pd
-
-    from ..geometry.disentangle import basis_coherence
-    from ..lenses.frames import check_frame
-    from ..readout.basis import SemanticBasis
-
     say = messenger(args.quiet)
     frame = check_frame(args.frame)
     sample = parse_positive(args.sample, "--sample")

@@ -26,7 +26,20 @@ import shutil
 import time
 from pathlib import Path
 
-from ..core.errors import InputError
+import pandas as pd
+import torch
+
+from ..calibration.baselines import parse_baselines, run_baselines
+from ..calibration.calibrated import CalibratedModel
+from ..calibration.features import extract_features
+from ..calibration.metrics import classification_metrics
+from ..calibration.results import results_table
+from ..calibration.shipped_tasks import EMBEDDED_TASKS, load_task
+from ..calibration.splits import ensure_splits
+from ..calibration.task_files import load_task_file
+from ..core.corpus import load_corpus
+from ..core.distributed import destroy
+from ..core.errors import ArtifactError, InputError
 from ..core.io import atomic_write
 from ..lenses.frames import FRAMES
 from .common import (
@@ -74,10 +87,6 @@ def _unescape(template: str | None) -> str | None:
 
 def load_cli_task(args: argparse.Namespace):
     """The task of ``--task`` (name or file) with train/validation/test splits (see ``ensure_splits``)."""
-    from ..calibration.shipped_tasks import EMBEDDED_TASKS, load_task
-    from ..calibration.splits import ensure_splits
-    from ..calibration.task_files import load_task_file
-
     verbalizer = parse_verbalizer(args.verbalizer)
     template = _unescape(args.template)
     if args.task in EMBEDDED_TASKS:
@@ -92,25 +101,14 @@ def load_cli_task(args: argparse.Namespace):
         task = load_task_file(path, split_column=args.split_column, **kw)
     test = None
     if args.test:
-        from ..calibration.task_files import load_task_file as load_file
-
-        test = load_file(args.test, text_column=args.text_column, label_column=args.label_column,
-                         verbalizer=dict(task.verbalizer), template=task.template, name=task.name)
+        test = load_task_file(args.test, text_column=args.text_column, label_column=args.label_column,
+                              verbalizer=dict(task.verbalizer), template=task.template, name=task.name)
     return ensure_splits(task, test=test, seed=args.seed)
 
 
 # The command's whole pipeline in order (load, features, head, baselines, outputs); about 100 lines.
 def run_calibrate(args: argparse.Namespace) -> int:
     """Load the model and task, train the head, run the baselines, write the outputs."""
-    import torch
-
-    from ..calibration.baselines import parse_baselines, run_baselines
-    from ..calibration.calibrated import CalibratedModel
-    from ..calibration.features import extract_features
-    from ..calibration.metrics import classification_metrics
-    from ..calibration.results import results_table
-    from ..core.distributed import destroy
-
     baselines = parse_baselines(args.baselines)
     epochs = parse_positive(args.epochs, "--epochs")
     batch_size = parse_positive(args.batch_size, "--batch-size")
@@ -167,7 +165,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     results = run_baselines(model, task, baselines, layer=args.layer, frame=args.frame, shots=args.shots,
                             finetune_epochs=args.finetune_epochs, seed=args.seed, progress=not quiet) if baselines else []
     table = results_table(results) if results else None
-    import pandas as pd
 
     rows = pd.DataFrame([head_row] + ([] if table is None else table.to_dict(orient="records")))
     out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +199,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """Classify texts with a saved head."""
-    from ..calibration.calibrated import CalibratedModel
-    from ..core.errors import ArtifactError
-
     head_dir = Path(args.head)
     if not (head_dir / "config.json").is_file() and (head_dir / "head" / "config.json").is_file():
         head_dir = head_dir / "head"
@@ -212,8 +206,6 @@ def run_classify(args: argparse.Namespace) -> int:
         raise ArtifactError(f"{args.head} holds no saved head; pass the --out folder of `vsem-lens calibrate` or its head/.")
     texts = list(args.texts)
     if args.file:
-        from ..core.corpus import load_corpus
-
         texts += load_corpus(args.file)
     if not texts:
         raise InputError("no texts to classify; pass TEXT arguments or --file.")

@@ -13,8 +13,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 
+import torch
+
+from ..core.corpus import load_corpus
+from ..core.distributed import destroy
 from ..core.errors import InputError
+from ..lenses.frames import check_frame
+from ..report.build import DEFAULT_LENS_TOKENS, DEFAULT_MAX_TOKENS, build_report
+from ..report.figures import total_seconds
 from .common import (
     add_distributed_argument,
     add_model_arguments,
@@ -37,8 +45,6 @@ def parse_dtype(spec: str):
         >>> str(parse_dtype("bf16"))
         'torch.bfloat16'
     """
-    import torch
-
     name = DTYPES.get(str(spec).strip().lower())
     if name is None:
         raise InputError(f"--dtype expects one of float32, bfloat16, float16, float64; got {spec!r}.")
@@ -47,14 +53,12 @@ def parse_dtype(spec: str):
 
 def parse_placement(device_map: str | None, n_devices: str | None, max_memory: str | None) -> dict:
     """Parse ``--device-map`` (auto | balanced | sequential | cpu | JSON dict), ``--n-devices`` and
-    ``--max-memory`` (``0=20GiB,1=20GiB,cpu=64GiB``) into :func:`~vsem_lens.core.models.load_model` keywords.
+    ``--max-memory`` (``0=20GiB,1=20GiB,cpu=64GiB``) into :func:`~vsem_lens.core.loading.load_model` keywords.
 
     Example:
         >>> parse_placement("auto", None, "0=20GiB,cpu=64GiB")
         {'device_map': 'auto', 'max_memory': {0: '20GiB', 'cpu': '64GiB'}}
     """
-    import json
-
     out: dict = {}
     if device_map:
         text = device_map.strip()
@@ -81,12 +85,6 @@ def parse_placement(device_map: str | None, n_devices: str | None, max_memory: s
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and corpus, build the report, write it; prints where it went."""
-    from ..core.corpus import load_corpus
-    from ..core.distributed import destroy
-    from ..lenses.frames import check_frame
-    from ..report.build import build_report
-    from ..report.figures import total_seconds
-
     quiet = bool(args.quiet)
     # Validate cheap options before loading anything.
     check_frame(args.frame)
@@ -147,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``report`` command."""
-    from ..report.build import DEFAULT_LENS_TOKENS, DEFAULT_MAX_TOKENS
-
     parser = sub.add_parser(
         "report",
         help="layerwise semantic report (HTML + CSV + JSON)",

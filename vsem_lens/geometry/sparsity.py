@@ -24,7 +24,7 @@ from ..core.errors import InputError, check_positive_int
 from ..core.models import HookedModel
 from ..core.stats import RunningScalars
 from ..lenses.base import Lens
-from ..readout.affinity import basis_and_lens, vocab_affinity
+from ..readout import basis_and_lens, vocab_affinity
 from ..readout.basis import SemanticBasis
 from .frames import frame_name
 

@@ -35,10 +35,9 @@ from ..core.models import HookedModel
 from ..lenses.base import Lens
 from ..lenses.frames import resolve_frame
 from .basis import SemanticBasis
-from .kernel import READOUT_MAX_ROWS, READOUTS, Readout, ReadoutKernel, basis_and_lens
+from .kernel import READOUT_MAX_ROWS, READOUTS, Readout, ReadoutKernel
 
 __all__ = [
-    "basis_and_lens",  # defined in .kernel; still imported from here by vsem_lens.geometry.disentangle
     "iter_layer_readouts",
     "layerwise_affinity",
     "logit_lens",

@@ -68,6 +68,7 @@ from ..core.models import HookedModel, check_texts
 from ..geometry import basis_coherence
 from ..lenses.base import Lens
 from ..lenses.frames import check_frame
+from ..lenses.tuned import find_cached_tuned_lens
 from ..readout import SemanticBasis
 from ..readout.aggregator import QUANTILE_CAPACITY
 from . import plots
@@ -282,8 +283,6 @@ def _resume(checkpoint: Checkpoint, stats: CorpusStats, n_batches: int, log: Cal
 
 def _cached_tuned_lens(model: HookedModel) -> Lens | None:
     try:
-        from ..lenses.tuned import find_cached_tuned_lens  # optional: needs the tuned-lens cache machinery
-
         return find_cached_tuned_lens(model)
     except Exception:  # an optional extra must never break the report
         return None

@@ -19,6 +19,8 @@ import uuid
 from functools import lru_cache
 from typing import Any
 
+import plotly.io as pio
+
 from .figures import total_seconds
 
 PLOTLY_CONFIG = {
@@ -112,8 +114,6 @@ def figure_json(fig: Any) -> str:
         >>> "<b>" in figure_json(go.Figure(go.Bar(x=["<b>"], y=[1])))
         False
     """
-    import plotly.io as pio
-
     return script_safe_json(pio.to_json(fig, validate=False, pretty=False))
 
 

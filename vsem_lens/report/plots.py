@@ -2,9 +2,9 @@
 
 Every figure has titled axes and hover text, and references no external URL (embed it with
 ``fig.to_html(include_plotlyjs=True)`` for a self-contained file). Inputs are the tidy tables of
-:func:`~vsem_lens.geometry.isotropy.isotropy_by_layer`, :func:`~vsem_lens.geometry.disentangle.decomposition_by_layer`,
-:func:`~vsem_lens.geometry.disentangle.affinity_sparsity_by_layer` and the
-:class:`~vsem_lens.geometry.disentangle.BasisCoherence` of :func:`~vsem_lens.geometry.disentangle.basis_coherence`.
+:func:`~vsem_lens.geometry.isotropy.isotropy_by_layer`, :func:`~vsem_lens.geometry.decomposition.decomposition_by_layer`,
+:func:`~vsem_lens.geometry.sparsity.affinity_sparsity_by_layer` and the
+:class:`~vsem_lens.geometry.coherence.BasisCoherence` of :func:`~vsem_lens.geometry.coherence.basis_coherence`.
 When a table holds several (site, frame) groups, a dropdown switches between them.
 
 Example:
@@ -179,7 +179,7 @@ def plot_components_by_layer(
     heatmap of every component (rows, in residual order) by layer.
 
     Args:
-        df: output of :func:`~vsem_lens.geometry.disentangle.decomposition_by_layer`.
+        df: output of :func:`~vsem_lens.geometry.decomposition.decomposition_by_layer`.
         measure: a numeric column, e.g. ``spim_mean``, ``cos_mean``, ``dist_mean``, ``norm_ratio_mean``.
         view: ``kinds`` or ``components``.
 

@@ -27,10 +27,9 @@ from ..core.capture import ActivationBatch, iter_capture
 from ..core.distributed import all_reduce_sum
 from ..core.models import HookedModel
 from ..core.stats import Stat
-from ..geometry import IsotropyState
 
 # Not exported by vsem_lens.geometry (yet): the decomposition accumulator and the sites it needs.
-from ..geometry.disentangle import DECOMPOSITION_SITES, DecompositionAccumulator
+from ..geometry import DECOMPOSITION_SITES, DecompositionAccumulator, IsotropyState
 from ..lenses.base import Lens
 from ..readout import LensAggregator, SemanticBasis
 from .checkpoint import Checkpoint
