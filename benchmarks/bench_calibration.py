@@ -38,10 +38,10 @@ def main() -> int:
     import torch
 
     import vsem_lens as vl
-    from vsem_lens.calibration.finetune import finetune_baseline
     from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
-    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
     from vsem_lens.calibration.features import extract_features
+    from vsem_lens.calibration.finetune import finetune_baseline
+    from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
 
     torch.set_num_threads(args.threads)
     name = args.task or ("sentiment" if "sentiment" in embedded_task_names() else "topic")

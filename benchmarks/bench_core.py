@@ -25,13 +25,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from _measure import interleaved_medians, token_batch  # noqa: E402
 
 
 def load():
-    import vsem_lens as vl
     from transformers import AutoModelForCausalLM
+
+    import vsem_lens as vl
 
     model = vl.load_model("embedded")
     hf = AutoModelForCausalLM.from_pretrained(vl.core.loading.embedded_model_dir(), attn_implementation="eager").eval()

@@ -21,7 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from _measure import PeakRSS, interleaved_medians  # noqa: E402
 
 TEXTS = [
@@ -98,8 +97,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
-    import vsem_lens as vl
     from transformers import AutoModelForCausalLM
+
+    import vsem_lens as vl
 
     model = vl.load_model("embedded")
     hf = AutoModelForCausalLM.from_pretrained(vl.core.loading.embedded_model_dir(), attn_implementation="eager").eval()

@@ -47,10 +47,10 @@ def child(n_tokens: int, lens_tokens: int | None, do_all: bool) -> dict:
     import resource
 
     import torch
+    from _measure import PeakRSS
     from transformers import AutoModelForCausalLM
 
     import vsem_lens as vl
-    from _measure import PeakRSS
     from vsem_lens.core.loading import embedded_model_dir
     from vsem_lens.readout import LensAggregator
     from vsem_lens.report import plan_corpus

@@ -64,9 +64,9 @@ def make_small_model(path: Path) -> Path:
 
 def write_corpus(path: Path, n_tokens: int, model: str) -> int:
     """The default corpus repeated to at least ``n_tokens`` tokens, as JSONL; returns the texts written."""
-    import vsem_lens as vl
     from transformers import AutoTokenizer
 
+    import vsem_lens as vl
     from vsem_lens.core.loading import embedded_model_dir
 
     base = vl.load_corpus("default")

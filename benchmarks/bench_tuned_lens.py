@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from _measure import PeakRSS, corpus_texts, interleaved_medians, token_batch  # noqa: E402
 
 

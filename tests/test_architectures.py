@@ -20,15 +20,14 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-
-import vsem_lens as vl
-from vsem_lens.core.capture import iter_capture
-from vsem_lens.cli import main
-from vsem_lens.geometry import IsotropyState, isoscore
-from vsem_lens.core.models import HookedModel, Tokens
-
 from architectures import ARCHITECTURES, BF16_ARCHITECTURES, CHECKS, REPORT_ARCHITECTURES, ArchSpec
 from conftest import TINY_TEXTS
+
+import vsem_lens as vl
+from vsem_lens.cli import main
+from vsem_lens.core.capture import iter_capture
+from vsem_lens.core.models import HookedModel, Tokens
+from vsem_lens.geometry import IsotropyState, isoscore
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = TINY_TEXTS[:4]

@@ -67,14 +67,14 @@ def main() -> int:
     import torch.nn.functional as F
 
     import vsem_lens as vl
+    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
+    from vsem_lens.calibration.features import extract_features
     from vsem_lens.calibration.finetune import finetune_baseline
     from vsem_lens.calibration.icl import icl_baseline
     from vsem_lens.calibration.knn import knn_baseline
     from vsem_lens.calibration.probe import probe_baseline
-    from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
-    from vsem_lens.calibration import NeuralClusteringHead, classification_metrics
     from vsem_lens.calibration.shipped_tasks import embedded_task_names, load_task
-    from vsem_lens.calibration.features import extract_features
+    from vsem_lens.calibration.zero_shot import zero_shot_affinity, zero_shot_matmul
 
     torch.set_num_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.cli import main
-
-from conftest import TINY_TEXTS
 
 
 @pytest.fixture

@@ -14,14 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.core.distributed import SINGLE, DistEnv, all_reduce_moments, rank_device, shard, torchrun_env
 from vsem_lens.core.errors import InputError
 from vsem_lens.core.io import texts_digest
 from vsem_lens.report.build import build_report, checkpoint_key
-
-from conftest import TINY_TEXTS
 
 # 48 texts -> 16 batches of 3: enough batches for sharding and checkpoints, a few seconds per run.
 CORPUS = [f"{text} (variant {i})" for i in range(8) for text in TINY_TEXTS]
@@ -128,7 +127,6 @@ def test_distributed_needs_torchrun(dir_model, monkeypatch, capsys):
     with pytest.raises(InputError, match="torchrun"):
         build_report(dir_model, CORPUS, distributed=True, **ARGS)
     from vsem_lens.cli import main
-
     from vsem_lens.lenses.tuned import TunedLens
 
     with pytest.raises(InputError, match="torchrun"):

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
-from vsem_lens.taskspace import minimal_pairs as mp
 from vsem_lens.core.logits import Unembedding, effective_transform
 from vsem_lens.lenses.training import TrainingConfig, TunedLensTrainer
-
-from conftest import TINY_TEXTS
+from vsem_lens.taskspace import minimal_pairs as mp
 
 CAP = 30.0
 

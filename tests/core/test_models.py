@@ -10,6 +10,8 @@ import torch
 
 import vsem_lens as vl
 from vsem_lens.core import loading as models
+
+
 def test_tiny_model_facts(tiny_model, tiny_tokenizer):
     assert tiny_model.n_layers == 3
     assert tiny_model.d_model == 64

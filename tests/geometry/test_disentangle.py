@@ -6,19 +6,18 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
+from vsem_lens.core.errors import ArtifactError, InputError
 from vsem_lens.geometry import (
     affinity_sparsity_by_layer,
     basis_coherence,
     decomposition_by_layer,
     pairwise_cosine_stats,
 )
-from vsem_lens.core.errors import ArtifactError, InputError
 from vsem_lens.lenses.base import Lens
 from vsem_lens.lenses.tuned import TunedLens
-
-from conftest import TINY_TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vsem_lens.core.errors import InputError, NumericalError
+from vsem_lens.core.moments import Moments
 from vsem_lens.geometry import (
     CosineAccumulator,
     average_cosine,
@@ -20,7 +21,6 @@ from vsem_lens.geometry import (
     participation_ratio,
     reference_covariance,
 )
-from vsem_lens.core.moments import Moments
 
 F64 = torch.float64
 

@@ -7,6 +7,7 @@ import pickle
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.core.errors import InputError
@@ -19,11 +20,8 @@ from vsem_lens.geometry import (
     outlier_dimensions,
     participation_ratio,
 )
-
 from vsem_lens.lenses.base import Lens
 from vsem_lens.lenses.tuned import TunedLens, tuned_lens_cache_path
-
-from conftest import TINY_TEXTS
 
 TOL = 1e-10
 

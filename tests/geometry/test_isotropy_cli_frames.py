@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.cli import main
 from vsem_lens.lenses.tuned import TunedLens, tuned_lens_cache_path
-
-from conftest import TINY_TEXTS
 
 
 def test_isotropy_cli_tuned_frame(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import pickle
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.core.distributed import SINGLE
@@ -19,8 +20,6 @@ from vsem_lens.geometry import (
     DecompositionAccumulator,
     IsotropyState,
 )
-
-from conftest import TINY_TEXTS
 
 
 def _cosine(model):

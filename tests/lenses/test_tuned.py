@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TEXTS, make_tiny_hf
 
 import vsem_lens as vl
 from vsem_lens.lenses.training import TrainingConfig, TunedLensTrainer, assign_rows
 from vsem_lens.lenses.tuned import TunedLens, find_cached_tuned_lens, tuned_lens_cache_path
-
-from conftest import TINY_TEXTS, make_tiny_hf
 
 TRAIN, HELD_OUT = TINY_TEXTS[:4], TINY_TEXTS[4:]
 FAST = dict(steps=6, tokens_per_step=32, progress=False)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
 from vsem_lens.core.capture import iter_capture
 from vsem_lens.core.stats import Stat
 from vsem_lens.readout import LensAggregator, ReadoutKernel
-
-from conftest import TINY_TEXTS
 
 
 def test_kernel_chunking_and_aggregator_statistics(tiny_model):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from conftest import TINY_TEXTS
 
 import vsem_lens as vl
-from vsem_lens.report import plots
-from vsem_lens.geometry import affinity_sparsity_by_layer, basis_coherence, decomposition_by_layer
 from vsem_lens.core.errors import InputError
+from vsem_lens.geometry import affinity_sparsity_by_layer, basis_coherence, decomposition_by_layer
 from vsem_lens.geometry.isotropy import isotropy_by_layer
-
-from conftest import TINY_TEXTS
+from vsem_lens.report import plots
 
 TEXTS = TINY_TEXTS[:3]
 

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
+from conftest import TINY_TEXTS
 
-import vsem_lens as vl
-from vsem_lens.report import record as report_module
-from vsem_lens.core.capture import iter_capture
 from vsem_lens.cli import main
 from vsem_lens.core.errors import InputError
+from vsem_lens.report import record as report_module
 from vsem_lens.report.build import build_report
-
-from conftest import TINY_TEXTS
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'

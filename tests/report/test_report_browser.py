@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from vsem_lens.report.build import build_report
-
 from _cdp import find_chromium, render_report
 from conftest import TINY_TEXTS
+
+from vsem_lens.report.build import build_report
 
 SCREENSHOT_COPY = Path("/tmp/vsem_report_screenshot.png")
 EVIL = 'Evil <script>alert(1)</script> and "><img src=x onerror=alert(1)> done.'

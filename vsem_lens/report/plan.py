@@ -19,7 +19,12 @@ from ..readout.aggregator import QUANTILE_CAPACITY
 
 @dataclass
 class CorpusPlan:
-    """The tokenised corpus after the budget, its batches and the seeded lens sample."""
+    """The tokenised corpus after the budget, its batches and the seeded lens sample.
+
+    Example:
+        >>> plan = plan_corpus(model, texts, max_tokens=4000, lens_tokens=512, batch_size=8, seed=0)  # doctest: +SKIP
+        >>> plan.n_tokens, len(plan.batches), int(plan.lens_mask.sum())                               # doctest: +SKIP
+    """
 
     rows: list[list[int]]  # token ids per used text, corpus order
     texts: list[str]  # the used texts (corpus order)
