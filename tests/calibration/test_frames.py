@@ -9,12 +9,13 @@ from _tasks import tiny_task
 
 import vsem_lens as vl
 from vsem_lens.calibration import CalibratedModel, run_baselines
-from vsem_lens.calibration.features import extract_features, frame_identity
+from vsem_lens.calibration.features import extract_features
 from vsem_lens.calibration.knn import knn_baseline
 from vsem_lens.calibration.threads import torch_threads
 from vsem_lens.calibration.zero_shot import zero_shot_affinity
 from vsem_lens.core.errors import ArtifactError, InputError
 from vsem_lens.lenses import FinalNormLens, Lens, RawLens, TunedLens
+from vsem_lens.lenses.frames import lens_identity
 
 pytestmark = pytest.mark.filterwarnings("ignore:label word", "ignore:word")
 
@@ -74,9 +75,9 @@ def test_features_in_the_tuned_frame(tiny_model):
         extract_features(tiny_model, task, frame="tuned", progress=False)
 
 
-def test_frame_identity():
-    assert frame_identity(RawLens()) == "raw"
-    assert frame_identity(FinalNormLens(None)) == "final_norm"
+def test_lens_identity():
+    assert lens_identity(RawLens()) == "raw"
+    assert lens_identity(FinalNormLens(None)) == "final_norm"
 
 
 def test_calibrated_model_through_a_custom_lens(tiny_model, tmp_path):

@@ -36,10 +36,10 @@ from typing import Any, Callable, Sequence
 from ..core.errors import InputError
 from ..core.models import HookedModel
 from ..lenses.base import Lens
-from ..lenses.frames import resolve_frame
+from ..lenses.frames import lens_identity, resolve_frame
 from ..readout.basis import SemanticBasis
 from .datasets import TextClassificationTask
-from .features import Features, extract_features, frame_identity
+from .features import Features, extract_features
 from .finetune import finetune_baseline
 from .icl import icl_baseline
 from .knn import knn_baseline
@@ -112,7 +112,7 @@ def run_baselines(
     feats: dict[tuple, Features] = {}
 
     def get(split: str, lay: int, frm: Lens) -> Features:
-        key = (split, lay % model.n_layers, frame_identity(frm) or id(frm))
+        key = (split, lay % model.n_layers, lens_identity(frm) or id(frm))
         if key not in feats:
             feats[key] = extract_features(model, splits[split], layer=lay, frame=frm, cache=cache, progress=progress)
         return feats[key]

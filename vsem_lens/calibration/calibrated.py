@@ -22,10 +22,10 @@ from ..core.errors import ArtifactError, InputError
 from ..core.loading import load_model
 from ..core.models import check_texts
 from ..lenses.base import Lens
-from ..lenses.frames import resolve_frame
+from ..lenses.frames import lens_identity, resolve_frame
 from ..readout.basis import SemanticBasis
 from .datasets import TextClassificationTask
-from .features import POOLS, extract_features, frame_identity
+from .features import POOLS, extract_features
 from .heads import NeuralClusteringHead
 from .metrics import classification_metrics
 
@@ -113,7 +113,7 @@ class CalibratedModel:
             return [given[name].head_input(pool), split.y]
 
         args = split_input("train") + (split_input("validation") if task.has_split("validation") else [])
-        if frame_identity(lens) is not None:  # a custom lens cannot be recorded; save() says so
+        if lens_identity(lens) is not None:  # a custom lens cannot be recorded; save() says so
             head.metadata.update(prompt_metadata(model, task, layer, lens, pool, max_length))
         head.fit(*args)
         return cls(model, head, task, layer=layer, frame=lens, pool=pool, max_length=max_length)
@@ -183,7 +183,7 @@ class CalibratedModel:
             meta.get("task", "task"), ["-"] * 2, list(verbalizer)[:2], ["train", "train"], verbalizer, meta["template"]
         )
         frame = resolve_frame(meta["frame"], model, lens=lens)
-        if meta.get("frame_identity") and meta["frame_identity"] != frame_identity(frame):
+        if meta.get("frame_identity") and meta["frame_identity"] != lens_identity(frame):
             raise ArtifactError(
                 f"the head in {path} was trained through another {meta['frame']!r} lens than the one given or "
                 "cached for this model; pass the lens it was trained with as lens=."
@@ -196,13 +196,13 @@ class CalibratedModel:
 
 def prompt_metadata(model: Any, task: Any, layer: int, lens: Lens, pool: str, max_length: int | None) -> dict:
     """What a saved head records to rebuild its classifier: model spec and fingerprint, BOS rule, prompt,
-    verbalizer, layer, frame (name and :func:`~vsem_lens.calibration.features.frame_identity`), pooling.
+    verbalizer, layer, frame (name and :func:`~vsem_lens.lenses.frames.lens_identity`), pooling.
 
     Example:
         >>> prompt_metadata(model, task, -1, RawLens(), "tokens", None)["frame"]  # doctest: +SKIP
         'raw'
     """
-    identity = frame_identity(lens)
+    identity = lens_identity(lens)
     if identity is None:
         raise InputError(
             f"a classifier read through the custom lens {lens!r} cannot be saved: the lens has no name or "

@@ -55,9 +55,8 @@ from ..core.distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_s
 from ..core.errors import InputError, NumericalError, VocabularyError, check_positive_int
 from ..core.io import atomic_write, texts_digest
 from ..core.models import HookedModel, cache_dir, check_texts
-from ..lenses.base import FinalNormLens, Lens, RawLens
-from ..lenses.frames import resolve_frame
-from ..lenses.tuned import TunedLens
+from ..lenses.base import Lens
+from ..lenses.frames import lens_identity, resolve_frame
 from ..readout.basis import word_token_ids
 from .datasets import TextClassificationTask
 
@@ -181,8 +180,8 @@ def feature_key(
 ) -> str:
     """The cache key of a feature extraction (a short hex digest; see the module docstring).
 
-    ``frame`` is the frame's identity from :func:`frame_identity` (the plain name for ``raw`` and
-    ``final_norm``).
+    ``frame`` is the frame's identity from :func:`~vsem_lens.lenses.frames.lens_identity` (the plain
+    name for ``raw`` and ``final_norm``).
 
     Example:
         >>> len(feature_key(model, "t", ["a"], "{text}", [1, 2], 29, "final_norm", None))  # doctest: +SKIP
@@ -206,26 +205,6 @@ def feature_key(
         sort_keys=True,
     )
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
-
-
-def frame_identity(lens: Lens) -> str | None:
-    """What identifies a lens in a cache key: the frame name of the parameter-free frames, the frame name
-    plus a digest of model fingerprint and weights for a tuned lens, ``None`` for any other lens (its
-    parameters cannot be fingerprinted, so results through it are never cached or saved by name).
-
-    Example:
-        >>> frame_identity(RawLens())
-        'raw'
-    """
-    if type(lens) in (RawLens, FinalNormLens):
-        return lens.frame
-    if type(lens) is TunedLens:
-        digest = hashlib.blake2b(digest_size=8)
-        digest.update(str(lens.fingerprint).encode())
-        for tensor in (lens.weight, lens.bias):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return f"tuned-{digest.hexdigest()}"
-    return None
 
 
 # Over 80 lines only through its docstring (every argument documented); the body is about 40 lines.
@@ -258,7 +237,7 @@ def extract_features(
         max_length: token budget of a prompt; longer texts are shortened (see :func:`build_prompts`).
             Default: the model's context (longer texts are shortened, with a warning).
         cache: read and write the on-disk feature cache (a custom lens needs ``cache=False``, see
-            :func:`frame_identity`).
+            :func:`~vsem_lens.lenses.frames.lens_identity`).
         progress: show a tqdm bar over batches.
         distributed: ``True`` inside ``torchrun`` (or a :class:`~vsem_lens.core.distributed.DistEnv` from
             :func:`~vsem_lens.core.distributed.init_distributed`): batch ``b`` runs on rank
@@ -277,7 +256,7 @@ def extract_features(
     if not isinstance(task, TextClassificationTask):
         raise InputError(f"task must be a TextClassificationTask (see vsem_lens.calibration.load_task), got {type(task).__name__}.")
     lens = resolve_frame(frame, model, lens=lens)
-    identity = frame_identity(lens)
+    identity = lens_identity(lens)
     if cache and identity is None:
         raise InputError(
             f"features through the custom lens {lens!r} cannot be cached (its parameters have no fingerprint); "

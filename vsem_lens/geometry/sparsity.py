@@ -24,9 +24,9 @@ from ..core.errors import InputError, check_positive_int
 from ..core.models import HookedModel
 from ..core.stats import RunningScalars
 from ..lenses.base import Lens
+from ..lenses.frames import frame_name
 from ..readout import basis_and_lens, vocab_affinity
 from ..readout.basis import SemanticBasis
-from .frames import frame_name
 
 LN2 = math.log(2.0)
 
@@ -76,7 +76,7 @@ def affinity_sparsity_by_layer(
         texts: one text or a list of texts.
         frame: a frame name (``raw``, ``final_norm``, ``tuned``) or any :class:`~vsem_lens.lenses.base.Lens`,
             resolved by :func:`~vsem_lens.lenses.frames.resolve_frame`; the ``frame`` column holds its name
-            (:func:`~vsem_lens.geometry.frames.frame_name`).
+            (:func:`~vsem_lens.lenses.frames.frame_name`).
         k: size of the top-k mass.
         layers: layer indices (``None`` = all).
         basis: the semantic basis to read affinities against (built in ``frame`` when not given; a Lens

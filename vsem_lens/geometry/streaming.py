@@ -27,8 +27,9 @@ from ..core.models import HookedModel
 from ..core.moments import Moments
 from ..core.stats import Stat, as_tensor, chan_combine
 from ..lenses.base import Lens
+from ..lenses.frames import frame_order, resolve_frames
 from .cosine import CosineAccumulator
-from .frames import RESIDUAL_SITES, check_site_frame, frame_order, resolve_frames
+from .frames import RESIDUAL_SITES, check_site_frame
 from .metrics import check_zeta, covariance_traces, isoscore_of_covariance
 
 #: Frames :func:`~vsem_lens.geometry.isotropy.isotropy_by_layer` reads by default.
@@ -121,7 +122,7 @@ class IsotropyState(Stat):
 
         ``frames`` are names (resolved by :func:`~vsem_lens.lenses.frames.resolve_frame`: ``tuned`` needs a
         cached tuned lens) or :class:`~vsem_lens.lenses.base.Lens` objects, recorded under
-        :func:`~vsem_lens.geometry.frames.frame_name`.
+        :func:`~vsem_lens.lenses.frames.frame_name`.
 
         Example:
             >>> IsotropyState.for_model(model, sites=("resid_post", "mlp_out"), layers=[3]).keys  # doctest: +SKIP

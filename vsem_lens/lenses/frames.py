@@ -12,11 +12,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, Sequence
 
 from ..core.errors import InputError
 from .base import FinalNormLens, Lens, RawLens
-from .tuned import find_cached_tuned_lens
+from .tuned import TunedLens, find_cached_tuned_lens
 
 FRAMES = ("raw", "final_norm", "tuned")
 
@@ -64,3 +65,81 @@ def resolve_frame(frame: str | Lens, model: Any, *, lens: Lens | None = None) ->
             "frame=); or use frame='final_norm'."
         )
     return cached
+
+
+def frame_name(frame: str | Lens) -> str:
+    """The name a frame is recorded under: the string itself, or the lens's ``frame`` attribute (its class
+    name when that is empty).
+
+    Example:
+        >>> class Doubled(Lens):
+        ...     def forward(self, h, layer):
+        ...         return 2 * h
+        >>> frame_name(Doubled())
+        'Doubled'
+    """
+    if isinstance(frame, Lens):
+        return frame.frame or type(frame).__name__
+    if not isinstance(frame, str) or not frame:
+        raise InputError(f"a frame is a name ({', '.join(FRAMES)}) or a Lens, got {frame!r}.")
+    return frame
+
+
+def frame_order(name: str) -> tuple[int, str]:
+    """Sort key of frame names: the built-in frames in their usual order, then other names alphabetically.
+
+    Example:
+        >>> sorted(["mine", "final_norm", "raw"], key=frame_order)
+        ['raw', 'final_norm', 'mine']
+    """
+    return (FRAMES.index(name), "") if name in FRAMES else (len(FRAMES), name)
+
+
+def resolve_frames(frames: str | Lens | Sequence[str | Lens], model: Any) -> dict[str, Lens]:
+    """Resolve frame names and lenses for ``model`` into ``{name: lens}`` (order kept, duplicates dropped).
+
+    Example:
+        >>> from vsem_lens.lenses.base import RawLens
+        >>> resolve_frames(["raw", "raw"], None)
+        {'raw': RawLens()}
+        >>> class Halved(RawLens):
+        ...     frame = "halved"
+        ...     def forward(self, h, layer):
+        ...         return h / 2
+        >>> list(resolve_frames(["raw", Halved()], None))
+        ['raw', 'halved']
+    """
+    if isinstance(frames, (str, Lens)):
+        frames = (frames,)
+    frames = list(frames)
+    if not frames:
+        raise InputError(f"no frames were given; choose from {', '.join(FRAMES)} or pass a Lens.")
+    lenses: dict[str, Lens] = {}
+    for frame in frames:
+        name = frame_name(frame)
+        if name not in lenses:
+            lenses[name] = resolve_frame(frame, model)
+        elif isinstance(frame, Lens) and frame is not lenses[name]:
+            raise InputError(f"two different lenses are both named {name!r}; give them distinct frame names.")
+    return lenses
+
+
+def lens_identity(lens: Lens | None) -> str | None:
+    """What identifies a lens in a cache or checkpoint key: the name of a parameter-free frame, ``tuned-``
+    plus a digest of the model fingerprint and the weights for a :class:`~vsem_lens.lenses.tuned.TunedLens`,
+    and ``None`` for no lens or any other lens (its parameters cannot be fingerprinted, so results through
+    it are never cached or saved by name).
+
+    Example:
+        >>> lens_identity(RawLens()), lens_identity(None)
+        ('raw', None)
+    """
+    if type(lens) in (RawLens, FinalNormLens):
+        return lens.frame
+    if type(lens) is TunedLens:
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(str(lens.fingerprint).encode())
+        for tensor in (lens.weight, lens.bias):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"tuned-{digest.hexdigest()}"
+    return None

@@ -67,12 +67,12 @@ from ..core.errors import InputError, check_positive_int
 from ..core.models import HookedModel, check_texts
 from ..geometry import basis_coherence
 from ..lenses.base import Lens
-from ..lenses.frames import check_frame
+from ..lenses.frames import check_frame, lens_identity
 from ..lenses.tuned import find_cached_tuned_lens
 from ..readout import SemanticBasis
 from ..readout.aggregator import QUANTILE_CAPACITY
 from . import plots
-from .checkpoint import Checkpoint, checkpoint_key, lens_digest
+from .checkpoint import Checkpoint, checkpoint_key
 from .examples import EXAMPLE_MAX_TOKENS, example_table
 from .figures import (
     READOUT_STYLE,
@@ -199,7 +199,7 @@ def build_report(
         key_params = {
             "frame": frame, "layers": layer_list, "max_tokens": max_tokens, "lens_tokens": lens_tokens,
             "batch_size": batch_size, "seed": seed, "readouts": list(readouts),
-            "tuned_lens": lens_digest(tuned), "world_size": env.world_size,
+            "tuned_lens": lens_identity(tuned), "world_size": env.world_size,
         }
         checkpoint = Checkpoint(checkpoint_dir, checkpoint_key(model, texts, key_params), env)
         start_at = _resume(checkpoint, stats, len(my_batches), log)

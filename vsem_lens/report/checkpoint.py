@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from ..core.io import atomic_write, texts_digest
 from ..core.models import HookedModel
@@ -53,23 +52,6 @@ def weights_digest(model: HookedModel) -> str:
                 c = chunk.double()
                 total += torch.stack([c.sum(), c.abs().sum()])
             digest.update(total.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def lens_digest(lens: Any) -> str | None:
-    """A hash of a trained lens's parameters (``None`` for no lens or a lens without state).
-
-    Example:
-        >>> lens_digest(None) is None
-        True
-    """
-    if lens is None or not hasattr(lens, "state_dict"):
-        return None
-    digest = hashlib.blake2b(digest_size=8)
-    for name, t in sorted(lens.state_dict().items()):
-        if isinstance(t, Tensor):
-            digest.update(name.encode())
-            digest.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
