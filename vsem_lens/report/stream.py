@@ -27,8 +27,6 @@ from ..core.capture import ActivationBatch, iter_capture
 from ..core.distributed import all_reduce_sum
 from ..core.models import HookedModel
 from ..core.stats import Stat
-
-# Not exported by vsem_lens.geometry (yet): the decomposition accumulator and the sites it needs.
 from ..geometry import DECOMPOSITION_SITES, DecompositionAccumulator, IsotropyState
 from ..lenses.base import Lens
 from ..readout import LensAggregator, SemanticBasis
