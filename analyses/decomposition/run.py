@@ -19,7 +19,7 @@ Everything is computed per text (one decomposition per text), so the text bootst
 One torch thread (the box is a shared 2-core machine; two threads were several times slower).
 
 Writes results.csv (per layer), correlations.csv, results.json next to this file.
-Run:  python analyses/decomposition/run.py            (~5 min on one core)
+Run:  python analyses/decomposition/run.py            (~5 min on one core; results.json has the time)
 """
 
 from __future__ import annotations
@@ -169,6 +169,8 @@ def main() -> None:
     corr.to_csv(HERE / "correlations.csv", index=False, float_format="%.4f")
     meta = {
         "model": model.name,
+        "corpus_texts": len(corpus),
+        "text_step": step,
         "n_texts": len(texts),
         "n_tokens": int(n_tok.sum()),
         "max_length": args.max_length,
@@ -192,11 +194,13 @@ def robustness() -> None:
 
     Per indicator: Spearman over layers 0..22 only (before the late KL drop), Spearman of the
     layer-to-layer differences, and the partial Spearman correlation controlling for the layer index
-    (ranks residualised on the layer's rank). Writes robustness.csv.
+    (ranks residualised on the layer's rank), each with its two-sided p-value. Writes robustness.csv
+    and re-renders the README's blocks.
     """
     import numpy as np
     import pandas as pd
     from scipy.stats import pearsonr, rankdata, spearmanr
+    from scipy.stats import t as student_t
 
     d = pd.read_csv(HERE / "results.csv")
     d = d[d.layer < d.layer.max()]
@@ -206,20 +210,32 @@ def robustness() -> None:
     def residual(v):
         return v - np.polyval(np.polyfit(rl, v, 1), rl)
 
+    def partial(x, y):
+        # Pearson of rank residuals; one degree of freedom fewer for the layer regressed out.
+        r = pearsonr(residual(rankdata(x)), residual(rankdata(y))).statistic
+        dof = len(x) - 3
+        return r, float(2 * student_t.sf(abs(r) * np.sqrt(dof / max(1e-300, 1 - r * r)), dof))
+
+    early = d.layer <= 22
     for c in [c for c in d.columns if c not in ("layer", "kl_bits", "reconstruction_rel_error")]:
-        early = d.layer <= 22
-        rows.append(
-            {
-                "indicator": c,
-                "spearman_all": spearmanr(d[c], d.kl_bits).statistic,
-                "spearman_layers_0_22": spearmanr(d[c][early], d.kl_bits[early]).statistic,
-                "spearman_differences": spearmanr(np.diff(d[c]), np.diff(d.kl_bits)).statistic,
-                "partial_spearman_given_layer": pearsonr(residual(rankdata(d[c])), residual(rankdata(d.kl_bits))).statistic,
-            }
-        )
+        checks = {
+            "spearman_all": spearmanr(d[c], d.kl_bits),
+            "spearman_layers_0_22": spearmanr(d[c][early], d.kl_bits[early]),
+            "spearman_differences": spearmanr(np.diff(d[c]), np.diff(d.kl_bits)),
+        }
+        row = {"indicator": c}
+        for name, result in checks.items():
+            row[name], row[f"p_{name}"] = result.statistic, result.pvalue
+        row["partial_spearman_given_layer"], row["p_partial_spearman_given_layer"] = partial(d[c], d.kl_bits)
+        rows.append(row)
     out = pd.DataFrame(rows)
-    out.to_csv(HERE / "robustness.csv", index=False, float_format="%.4f")
+    out.to_csv(HERE / "robustness.csv", index=False, float_format="%.4g")
     print(out.round(3).to_string())
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
+    import tables
+    from readme_blocks import write_blocks
+
+    write_blocks(HERE / "README.md", tables.render(HERE))
 
 
 if __name__ == "__main__":
