@@ -69,6 +69,11 @@ class TemperatureFit:
         iterations: Newton passes over the sample.
         layers: the layers of the groups (``None`` for :func:`fit_temperature`).
         at_bound: groups whose optimum lies at a search bound (``T`` then is that bound).
+
+    Example:
+        >>> fit = fit_temperature(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.2, 0.8], [0.8, 0.2]]))
+        >>> round(float(fit.temperature[0]), 4), fit.to_dict()["n_tokens"]
+        (0.7213, 2)
     """
 
     temperature: Float[Tensor, " group"]
@@ -80,7 +85,12 @@ class TemperatureFit:
     at_bound: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """JSON-ready fields."""
+        """JSON-ready fields.
+
+        Example:
+            >>> sorted(fit.to_dict())[:3]  # doctest: +SKIP
+            ['at_bound', 'iterations', 'kl_bits']
+        """
         return {
             "temperature": self.temperature.tolist(), "kl_bits": self.kl_bits.tolist(),
             "kl_bits_untempered": self.kl_bits_untempered.tolist(), "n_tokens": self.n_tokens,
