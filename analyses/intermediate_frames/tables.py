@@ -54,7 +54,8 @@ def budget(d: dict) -> str:
     t = d["summary"]["training"]
     rows = [
         ("optimiser", f"{t['optimizer'].upper()}, Nesterov momentum {t['momentum']}, lr {t['lr']}, linear decay to 0, "
-                      f"weight decay {t['weight_decay']}, gradient-norm clip {t['max_grad_norm']} per translator "
+                      f"weight decay {t['weight_decay']}, gradient-norm clip {t['max_grad_norm']} "
+                      f"{t.get('clip', 'per_translator').replace('_', ' ')} "
                       "(tuned-lens clips the norm over all translators at once; see below)"),
         ("budget", f"{t['steps']} steps x {t['tokens_per_step']} tokens = {t['tokens']:,} tokens "
                    f"({d['summary']['train_texts']} training texts, truncated to {t['max_length']} tokens)"),
