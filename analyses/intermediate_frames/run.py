@@ -1,22 +1,35 @@
 """Intermediate layers: tuned translators and a comparison of frames, on the embedded SmolLM2-135M-Instruct.
 
-1. Split the default corpus (seeded) into training texts and held-out texts.
-2. Train a tuned lens (vsem_lens.TunedLens.fit) on the training texts, timing it.
-3. On the held-out texts only, per layer, for the frames raw / final_norm / tuned and the two readouts
-   (logit lens, vocabulary affinity), via vsem_lens.iter_layer_readouts: KL(final || readout) in bits,
-   top-1 agreement with the final prediction, median rank of the final prediction.
-4. Why vocabulary affinity disagrees with the final prediction: a 2 x 2 ablation of its two ingredients
-   (whitening by G^-1 = (W_U W_U^T)^-1, per-token normalisation), plus centring, scored by agreement with
-   the final top-1; where the logits and the whitened logits put their energy in W_U's singular directions;
-   and how the per-token norms ||s_i|| relate to token frequency and to the model's average logit.
+Stages (``--stages``, default all):
 
-Writes results.csv (one row per frame x readout x layer), ablation.csv, summary.json, tables.md and
-figure.html (plotly.js from the CDN) next to this script (or --out), and prints the tables. The trained
-lens goes to the vsem-lens cache under analyses/intermediate_frames/<config+corpus hash>/lens (not the
+main
+    1. Split the default corpus (seeded) into training texts and held-out texts.
+    2. Train a tuned lens (vsem_lens.TunedLens.fit, per-translator gradient clipping) on the training texts.
+    3. On the held-out texts only, per layer, for the frames raw / final_norm / tuned and the two readouts
+       (logit lens, vocabulary affinity), via vsem_lens.iter_layer_readouts: KL(final || readout) in bits,
+       top-1 agreement with the final prediction, median rank of the final prediction.
+    4. Why vocabulary affinity disagrees with the final prediction: a 2 x 2 ablation of its two ingredients
+       (whitening by G^-1 = (W_U W_U^T)^-1, per-token normalisation), plus centring, scored by agreement with
+       the final top-1; where the logits and the whitened logits put their energy in W_U's singular
+       directions; and how the per-token norms ||s_i|| relate to token frequency and to the model's average logit.
+    Writes results.csv, ablation.csv, summary.json, tables.md and figure.html (plotly.js from the CDN).
+temperature
+    Per layer (final_norm frame), the affinity temperature fitted on a sample of training texts
+    (vsem_lens.readout.temperature) and the tempered KL on the held-out texts, with bootstrap intervals over
+    held-out texts. Writes affinity_temperature.csv and temperature.json.
+clip
+    Two tuned lenses trained side by side on the same tokens and seed, one with per-translator gradient
+    clipping and one with tuned-lens's global clip (TrainingConfig.clip="global"); held-out KL per layer,
+    paired bootstrap intervals over held-out texts, an exact sign test over texts, and the clipping factors
+    recorded during training. Writes clip_comparison.csv, clip_comparison.json and training_curves.csv.
+
+Then, when writing into this folder, the README blocks are re-rendered from the outputs (tables.py).
+Trained lenses go to the vsem-lens cache under analyses/intermediate_frames/<config+corpus hash>/ (not the
 per-model lens cache, so nobody's frame='tuned' changes; never into the repository).
 
-Run:  .venv/bin/python analyses/intermediate_frames/run.py [--steps 64] [--tokens-per-step 256] [--threads 1] [--reuse-lens]
-(the defaults are the budget used in README.md; --threads 1 is steadier on a shared CPU)
+Run:  .venv/bin/python analyses/intermediate_frames/run.py [--stages main,clip,temperature] [--steps 64]
+      [--tokens-per-step 256] [--fp32] [--threads 1] [--reuse-lens]
+(the defaults are the main stage's budget in README.md; --threads 1 is steadier on a shared CPU)
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 FRAMES = ("raw", "final_norm", "tuned")
 READOUTS = {"lens": "logit lens", "affinity": "vocabulary affinity"}
+STAGES = ("main", "clip", "temperature")
 
 
 def split_corpus(texts: list[str], n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
@@ -47,7 +61,8 @@ def split_corpus(texts: list[str], n_heldout: int, seed: int) -> tuple[list[str]
     return train, held
 
 
-def train_lens(vl, model, train, args):
+def train_lens(vl, model, train, args, clip: str = "per_translator"):
+    """Train (or, with --reuse-lens, load) the tuned lens with the given gradient clipping; (lens, wall seconds)."""
     import hashlib
 
     from vsem_lens.core.models import cache_dir
@@ -56,6 +71,7 @@ def train_lens(vl, model, train, args):
     config = TrainingConfig(
         steps=args.steps, tokens_per_step=args.tokens_per_step, optimizer=args.optimizer, lr=args.lr,
         seed=args.seed, max_length=args.max_length, unembed_dtype="float32" if args.fp32 else "bfloat16",
+        clip=clip,
     ).resolved()
     # One folder per (config, training texts): --reuse-lens never picks up a lens trained otherwise.
     key = hashlib.blake2b(json.dumps([config.to_dict(), train]).encode(), digest_size=6).hexdigest()
@@ -63,14 +79,16 @@ def train_lens(vl, model, train, args):
     lens_dir = where / "lens"
     if args.reuse_lens and (lens_dir / "config.json").is_file():
         lens = TunedLens.load(lens_dir, model=model)
+        lens.history_ = pd.read_csv(where / "history.csv")
         wall = float(lens.metadata.get("wall_seconds", lens.metadata["summary"]["train_seconds"]))
-        print(f"reusing the lens in {lens_dir} (trained in {wall:.0f} s)")
+        print(f"reusing the {clip}-clip lens in {lens_dir} (trained in {wall:.0f} s)")
         return lens, wall
     started = time.perf_counter()
     lens = TunedLens.fit(model, train, config=config, checkpoint_dir=where / "checkpoint", checkpoint_every=10)
     wall = time.perf_counter() - started
     lens.metadata["wall_seconds"] = round(wall, 1)
     lens.save(lens_dir)
+    lens.history_.to_csv(where / "history.csv", index=False)
     return lens, wall
 
 
@@ -312,6 +330,138 @@ def markdown_tables(results: pd.DataFrame, ablation_df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def temperature_stage(vl, model, train, held, args, out: Path) -> dict:
+    """Per layer (final_norm frame): the affinity temperature fitted on a sample of training texts, and the
+    tempered KL on the held-out texts; writes affinity_temperature.csv."""
+    from vsem_lens.readout.temperature import affinity_kl_at, fit_affinity_temperature
+
+    basis = vl.SemanticBasis.from_model(model)  # final_norm frame
+    sample = train[: args.temperature_texts]
+    started = time.perf_counter()
+    fit = fit_affinity_temperature(model, sample, basis=basis, max_length=args.eval_max_length)
+    fit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    kl, doc = affinity_kl_at(model, held, fit.temperature, basis=basis, max_length=args.eval_max_length)
+    eval_seconds = time.perf_counter() - started
+    lo, hi = bootstrap_mean_ci(kl, doc, seed=args.seed)
+    table = pd.DataFrame({
+        "frame": "final_norm", "layer": fit.layers, "temperature": fit.temperature.numpy(),
+        "fit_kl_bits_tempered": fit.kl_bits.numpy(), "fit_kl_bits_untempered": fit.kl_bits_untempered.numpy(),
+        "heldout_kl_bits_tempered": kl.mean(dim=1).numpy(), "heldout_kl_bits_tempered_ci_low": lo,
+        "heldout_kl_bits_tempered_ci_high": hi,
+    })
+    table.to_csv(out / "affinity_temperature.csv", index=False, float_format="%.5g")
+    info = {"sample_texts": len(sample), "sample_tokens": fit.n_tokens, "newton_passes": fit.iterations,
+            "at_bound": fit.at_bound, "heldout_tokens": int(kl.shape[1]), "fit_seconds": round(fit_seconds, 1),
+            "heldout_seconds": round(eval_seconds, 1)}
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    return info
+
+
+def per_text_means(values: torch.Tensor, doc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[layer, token] values -> per-text sums [text, layer] and token counts [text]."""
+    docs = torch.unique(doc)
+    sums = torch.stack([values[:, doc == d].sum(dim=1) for d in docs]).numpy()
+    counts = np.array([int((doc == d).sum()) for d in docs], dtype=float)
+    return sums, counts
+
+
+def bootstrap_mean_ci(values: torch.Tensor, doc: torch.Tensor, *, n_boot: int = 10000, seed: int = 0):
+    """Per layer, a 95% bootstrap interval of the token mean, resampling whole texts."""
+    sums, counts = per_text_means(values.double(), doc)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)[:, None]  # [boot, layer]
+    return np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
+
+
+def heldout_lens_kl(vl, model, lens, held, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(final || logit lens through ``lens``) per layer and held-out token [layer, token], bits; text index."""
+    kl, doc = [], []
+    for out in vl.iter_layer_readouts(model, held, frame=lens, readouts=("lens",), k=1, batch_size=8,
+                                      max_length=args.eval_max_length):
+        kl.append(out.readouts["lens"]["kl_bits"].double())
+        doc.append(out.doc_index)
+    return torch.cat(kl, dim=1), torch.cat(doc)
+
+
+def clip_comparison(per_kl, glob_kl, doc, histories: dict, *, n_boot: int = 10000, seed: int = 0):
+    """Per-translator vs global gradient clipping, same tokens and seed: held-out KL per layer with 95%
+    bootstrap intervals over held-out texts (paired: the same resampled texts for both lenses), an exact
+    sign test over texts, and the clipping factors recorded during training."""
+    from scipy.stats import binomtest
+
+    n_tr = per_kl.shape[0] - 1  # the last layer has no translator (KL 0 for both)
+    per_s, counts = per_text_means(per_kl[:n_tr], doc)
+    glob_s, _ = per_text_means(glob_kl[:n_tr], doc)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    n = counts[idx].sum(axis=1)[:, None]
+    per_b, glob_b = per_s[idx].sum(axis=1) / n, glob_s[idx].sum(axis=1) / n  # [boot, layer]
+    per_m, glob_m = per_s.sum(0) / counts.sum(), glob_s.sum(0) / counts.sum()
+    q = lambda x: (float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975)))  # noqa: E731
+    rows = []
+    for layer in range(n_tr):
+        diff = glob_b[:, layer] - per_b[:, layer]
+        rel = 1 - per_b[:, layer] / glob_b[:, layer]
+        rows.append({"layer": layer, "kl_bits_per_translator": per_m[layer], "kl_bits_global": glob_m[layer],
+                     "diff_bits": glob_m[layer] - per_m[layer], "diff_ci_low": q(diff)[0], "diff_ci_high": q(diff)[1],
+                     "reduction": 1 - per_m[layer] / glob_m[layer], "reduction_ci_low": q(rel)[0],
+                     "reduction_ci_high": q(rel)[1]})
+    table = pd.DataFrame(rows)
+    mean_rel = 1 - per_b.mean(1) / glob_b.mean(1)
+    text_per = per_s.sum(1) / counts  # layer-summed per text / tokens -> per-text mean over layers (x n_tr)
+    text_glob = glob_s.sum(1) / counts
+    wins = int((text_per < text_glob).sum())
+    scales = {}
+    for clip, hist in histories.items():
+        first = hist[hist.step < max(1, int(hist.step.max() + 1) // 4)]
+        scales[clip] = {"step0_median": float(hist[hist.step == 0].grad_scale.median()),
+                        "first_quarter_median": float(first.grad_scale.median())}
+    h_per, h_glob = histories["per_translator"], histories["global"]
+    f_per0 = h_per[h_per.step == 0].set_index("layer").grad_scale
+    f_glob0 = h_glob[h_glob.step == 0].set_index("layer").grad_scale
+    summary = {
+        "layers": f"0-{n_tr - 1}",
+        "heldout_texts": len(counts), "heldout_tokens": int(counts.sum()),
+        "mean_kl_bits_per_translator": float(per_m.mean()), "mean_kl_bits_global": float(glob_m.mean()),
+        "mean_reduction": float(1 - per_m.mean() / glob_m.mean()),
+        "mean_reduction_ci": list(q(mean_rel)),
+        "layers_lower_per_translator": int((per_m < glob_m).sum()),
+        "layers_ci_excludes_zero": int(((table.diff_ci_low > 0) | (table.diff_ci_high < 0)).sum()),
+        "texts_lower_per_translator": wins,
+        "sign_test_p": float(binomtest(wins, len(counts), 0.5).pvalue),
+        "grad_scale": scales,
+        # same weights and tokens at step 0: how much smaller the global clip makes each translator's step
+        "step0_step_ratio_median": float((f_per0 / f_glob0).median()),
+        "step0_step_ratio_range": [float((f_per0 / f_glob0).min()), float((f_per0 / f_glob0).max())],
+        "train_kl_bits_last_quarter": {
+            clip: float(h[h.step >= int(h.step.max() + 1) * 3 // 4].kl_bits.mean()) for clip, h in histories.items()},
+    }
+    return table, summary
+
+
+def clip_stage(vl, model, train, held, args, out: Path) -> dict:
+    """Train (or reuse) the per-translator and the global-clip lens on the same tokens; compare them."""
+    lenses, walls, histories = {}, {}, {}
+    for clip in ("per_translator", "global"):
+        lenses[clip], walls[clip] = train_lens(vl, model, train, args, clip)
+        histories[clip] = lenses[clip].history_.assign(clip=clip)
+    per_kl, doc = heldout_lens_kl(vl, model, lenses["per_translator"], held, args)
+    glob_kl, _ = heldout_lens_kl(vl, model, lenses["global"], held, args)
+    table, summary = clip_comparison(per_kl, glob_kl, doc, histories, seed=args.seed)
+    table.to_csv(out / "clip_comparison.csv", index=False, float_format="%.5g")
+    curves = pd.concat(histories.values(), ignore_index=True)[["clip", "step", "layer", "lr", "kl_bits", "grad_scale"]]
+    curves.to_csv(out / "training_curves.csv", index=False, float_format="%.5g")
+    cfg = lenses["global"].config.to_dict()
+    cfg.pop("clip")
+    summary["training"] = {**cfg, "tokens": cfg["steps"] * cfg["tokens_per_step"],
+                           "wall_seconds": {k: round(v, 1) for k, v in walls.items()}}
+    print(table.to_string(float_format=lambda v: f"{v:.3g}"))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=64, help="tuned-lens training steps (default 64)")
@@ -327,10 +477,17 @@ def main() -> int:
     parser.add_argument("--ablation-every", type=int, default=1, help="ablation on every n-th layer (+ the last)")
     parser.add_argument("--corpus", default="default", help="default (vsem_lens/data/corpus.jsonl) | FILE")
     parser.add_argument("--reuse-lens", action="store_true", help="reuse the lens of an earlier run if cached")
-    parser.add_argument("--train-only", action="store_true", help="train (or resume) and cache the lens, then stop")
+    parser.add_argument("--train-only", action="store_true", help="train (or resume) and cache the lenses, then stop")
+    parser.add_argument("--clips", default="per_translator,global",
+                        help="with --train-only: which lenses to train (comma-separated clip modes)")
     parser.add_argument("--self-contained", action="store_true",
                         help="also write figure.offline.html with plotly.js embedded (4.7 MB, git-ignored)")
     parser.add_argument("--out", default=str(HERE), help="output folder (default: this folder)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="main (lens, frames, ablation), clip (per-translator vs global clip), "
+                             "temperature (affinity temperature); default all")
+    parser.add_argument("--temperature-texts", type=int, default=8,
+                        help="training texts the affinity temperature is fitted on (default 8)")
     args = parser.parse_args()
 
     import vsem_lens as vl
@@ -345,10 +502,36 @@ def main() -> int:
     print(f"{model.name}: {len(texts)} texts -> {len(train)} training, {len(held)} held out; "
           f"torch threads {torch.get_num_threads()}")
 
-    lens, train_seconds = train_lens(vl, model, train, args)
     if args.train_only:
-        print(f"trained in {train_seconds:.0f} s; rerun with --reuse-lens to evaluate")
+        for clip in args.clips.split(","):
+            _, seconds = train_lens(vl, model, train, args, clip)
+            print(f"{clip} clip: trained in {seconds:.0f} s; rerun with --reuse-lens to evaluate")
         return 0
+    stages = set(args.stages.split(","))
+    if not stages <= set(STAGES):
+        parser.error(f"--stages: choose from {', '.join(STAGES)}")
+    if "temperature" in stages:
+        info = temperature_stage(vl, model, train, held, args, out)
+        (out / "temperature.json").write_text(json.dumps(info, indent=2) + "\n")
+    if "clip" in stages:
+        summary = clip_stage(vl, model, train, held, args, out)
+        (out / "clip_comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if "main" in stages:
+        main_stage(vl, model, texts, train, held, args, out)
+    if out == HERE:
+        sys.path.insert(0, str(HERE.parent))
+        sys.path.insert(0, str(HERE))
+        import tables
+        from readme_blocks import write_blocks
+
+        write_blocks(HERE / "README.md", tables.render(HERE))
+        print(f"rendered the README blocks of {HERE / 'README.md'}")
+    return 0
+
+
+def main_stage(vl, model, texts, train, held, args, out: Path) -> None:
+    """The lens (trained or reused), the three frames x two readouts, the ablation; the main outputs."""
+    lens, train_seconds = train_lens(vl, model, train, args, "per_translator")
     basis = vl.SemanticBasis.from_model(model)
     results, final_ids, last_top1, eval_seconds = evaluate(vl, model, basis, lens, held, args)
     started = time.perf_counter()
@@ -401,7 +584,6 @@ def main() -> int:
     print(json.dumps(spec, indent=1))
     print(f"\nwrote {out / 'results.csv'}, {out / 'ablation.csv'}, {out / 'summary.json'}, {out / 'tables.md'}, "
           f"{out / 'figure.html'}")
-    return 0
 
 
 if __name__ == "__main__":

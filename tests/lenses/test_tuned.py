@@ -56,6 +56,22 @@ def test_fit_lowers_heldout_kl(tiny_model, optimizer):
     assert curve.iloc[-5:].mean() < curve.iloc[0]
 
 
+def test_global_clip_scales_every_translator_alike(tiny_model):
+    """clip="global": one factor max_norm / ||all gradients|| for every translator (tuned-lens's
+    clip_grad_norm_); per translator: each its own factor, and the two runs differ."""
+    kwargs = dict(steps=3, tokens_per_step=32, max_grad_norm=1e-3, progress=False)
+    per = TunedLens.fit(tiny_model, TRAIN, **kwargs).history_
+    glob = TunedLens.fit(tiny_model, TRAIN, clip="global", **kwargs).history_
+    by_step = glob.groupby("step").grad_scale
+    assert (by_step.max() - by_step.min()).abs().max() < 1e-12  # one factor per step
+    assert (glob.grad_scale < 1).all() and (per.grad_scale < 1).all()  # the tiny max norm clips every step
+    # step 0 (same start, same tokens): global factor = 1 / sqrt(sum_l 1 / factor_l^2) of the per-translator ones
+    f_l = per[per.step == 0].grad_scale.to_numpy()
+    expected = 1.0 / float((1.0 / f_l**2).sum()) ** 0.5
+    assert glob[glob.step == 0].grad_scale.iloc[0] == pytest.approx(expected, rel=1e-3)
+    assert glob[glob.step == 0].kl_bits.tolist() == pytest.approx(per[per.step == 0].kl_bits.tolist())
+
+
 def test_last_layer_is_exact(tiny_model, trained):
     h = torch.randn(7, tiny_model.d_model)
     last = tiny_model.n_layers - 1
@@ -224,6 +240,7 @@ def test_validation_errors(tiny_model, tiny_tokenizer, trained, private_cache):
         ({"lr": -1.0}, "lr must be"),
         ({"warmup_steps": 10, "steps": 5}, "warmup_steps"),
         ({"unembed_dtype": "float16"}, "unembed_dtype"),
+        ({"clip": "per_layer"}, "clip must be"),
         ({"learning_rate": 0.1}, "unknown hyper-parameter"),
     ]:
         with pytest.raises(vl.core.InputError, match=match):

@@ -37,6 +37,7 @@ CHECKPOINT_VERSION = 2  # 2: translators stacked in one module (DDP); 1 (per-lay
 LN2 = math.log(2.0)
 OPTIMIZERS = ("sgd", "adam")
 UNEMBED_DTYPES = ("float32", "bfloat16")
+CLIPS = ("per_translator", "global")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class TrainingConfig:
         warmup_steps: linear warm-up steps; ``None`` = 0 for SGD, ``min(1000, steps // 5)`` for Adam.
             After the warm-up the learning rate decays linearly to 0 at ``steps``.
         weight_decay: L2 weight decay on ``A`` and ``b`` (as in tuned-lens).
-        max_grad_norm: clip each translator's gradient to this norm (``None`` = no clipping).
+        max_grad_norm: clip the gradient to this norm (``None`` = no clipping).
+        clip: ``"per_translator"`` (each layer's translator is clipped on its own; the default) or
+            ``"global"`` (the norm over all translators at once, as tuned-lens's trainer does, so one
+            large-gradient layer shrinks every layer's step).
         seed: seed of the text order (the only randomness).
         max_length: texts are truncated to this many tokens.
         batch_size: texts per forward pass of the model.
@@ -76,6 +80,7 @@ class TrainingConfig:
     warmup_steps: int | None = None
     weight_decay: float = 1e-3
     max_grad_norm: float | None = 1.0
+    clip: str = "per_translator"
     seed: int = 0
     max_length: int = 256
     batch_size: int = 8
@@ -91,6 +96,8 @@ class TrainingConfig:
         """
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        if self.clip not in CLIPS:
+            raise InputError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}.")
         if self.unembed_dtype not in UNEMBED_DTYPES:
             raise InputError(f"unembed_dtype must be one of {', '.join(UNEMBED_DTYPES)}, got {self.unembed_dtype!r}.")
         for name in ("steps", "tokens_per_step", "max_length", "batch_size", "token_chunk"):
@@ -214,6 +221,7 @@ class TunedLensTrainer:
         self.target_head = model.unembedding(torch.float32)
         self.history: list[list[float]] = []
         self.lrs: list[float] = []
+        self.grad_scales: list[list[float]] = []  # per step and translator: the clipping factor applied
         self.seconds = 0.0
         self.ddp: torch.nn.Module | None = None
 
@@ -340,12 +348,17 @@ class TunedLensTrainer:
             raise NumericalError(
                 f"the tuned-lens loss became NaN/inf at step {step}; lower the learning rate (lr={cfg.lr})."
             )
-        if cfg.max_grad_norm is not None:  # per translator
+        if cfg.max_grad_norm is not None:
             g_w, g_b = self.translators.weight.grad, self.translators.bias.grad
-            norm = torch.sqrt(g_w.square().sum(dim=(1, 2)) + g_b.square().sum(dim=1))
+            norm = torch.sqrt(g_w.square().sum(dim=(1, 2)) + g_b.square().sum(dim=1))  # per translator
+            if cfg.clip == "global":  # tuned-lens: clip_grad_norm_ over all parameters at once
+                norm = norm.square().sum().sqrt().expand_as(norm)
             factor = (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             g_w.mul_(factor[:, None, None])
             g_b.mul_(factor[:, None])
+            self.grad_scales.append(factor.double().tolist())
+        else:
+            self.grad_scales.append([1.0] * self.n_tr)
         lr = cfg.lr_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -375,6 +388,7 @@ class TunedLensTrainer:
             "optimizer": self.opt.state_dict(),
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, self.n_tr),
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
+            "grad_scales": torch.tensor(self.grad_scales, dtype=torch.float64).reshape(-1, self.n_tr),
             "seconds": self.seconds,
         }
         atomic_write(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
@@ -406,6 +420,8 @@ class TunedLensTrainer:
         self.opt.load_state_dict(state["optimizer"])
         self.history = state["history"].tolist()
         self.lrs = state["lrs"].tolist()
+        scales = state.get("grad_scales")
+        self.grad_scales = scales.tolist() if scales is not None else [[math.nan] * self.n_tr] * len(self.lrs)
         self.seconds = float(state["seconds"])
         return int(state["step"])
 
@@ -461,6 +477,7 @@ class TunedLensTrainer:
                 "layer": torch.arange(self.n_tr).repeat(n_steps).numpy(),
                 "lr": torch.tensor(self.lrs, dtype=torch.float64).repeat_interleave(self.n_tr).numpy(),
                 "kl_bits": history.reshape(-1).numpy(),
+                "grad_scale": torch.tensor(self.grad_scales, dtype=torch.float64).reshape(-1).numpy(),
             }
         )
         return TrainedTranslators(weight, bias, self.cfg, metadata, curve)

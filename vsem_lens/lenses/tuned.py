@@ -35,7 +35,8 @@ Hyper-parameters (:class:`TrainingConfig`, all recorded in ``config.json``) foll
 defaults where a CPU allows: SGD with Nesterov momentum 0.9, ``lr`` 0.1 as given to torch (= tuned-lens's
 unit ``lr_scale`` times ``1 - momentum``), weight decay 1e-3, no warm-up for SGD; Adam (AMSGrad,
 betas (0.9, 0.999), ``lr`` 1e-3, warm-up ``min(1000, steps // 5)``); a linear decay of the learning
-rate to zero at ``steps``; gradient-norm clipping at 1.0 (per translator here, globally in tuned-lens).
+rate to zero at ``steps``; gradient-norm clipping at 1.0, per translator by default (tuned-lens clips the
+norm over all translators at once: ``clip="global"``).
 The step and token budget is CPU-sized (tuned-lens trains 250 steps of 2^18 tokens on a GPU).
 
 Multi-process training (``distributed=True`` under ``torchrun``, ``vsem-lens lens train --distributed``):
@@ -92,7 +93,8 @@ class TunedLens(Lens):
         fingerprint: the fingerprint of the model the lens belongs to.
         config: the :class:`TrainingConfig` it was trained with (``None`` for an untrained lens).
         history_: per step and layer, the training KL(final || lens) in bits (a DataFrame with columns
-            ``step, layer, lr, kl_bits``), measured on the step's tokens before its update.
+            ``step, layer, lr, kl_bits, grad_scale``), measured on the step's tokens before its update;
+            ``grad_scale`` is the gradient-clipping factor applied to that layer's translator (1 = unclipped).
         metadata: what ``config.json`` records besides the weights (training summary, corpus hash, ...).
 
     Example:
@@ -124,7 +126,7 @@ class TunedLens(Lens):
         self.fingerprint = model.fingerprint
         self.config = config
         self.metadata = dict(metadata or {})
-        self.history_: pd.DataFrame = pd.DataFrame(columns=["step", "layer", "lr", "kl_bits"])
+        self.history_: pd.DataFrame = pd.DataFrame(columns=["step", "layer", "lr", "kl_bits", "grad_scale"])
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -231,6 +231,43 @@ class ReadoutKernel:
             raise InputError(f"the activations lack layers {missing}; capture layers {self.capture_layers}.")
         return [index[layer] for layer in self.layers], index[self.last]
 
+    def _fill_scores(self, x: Tensor, rows: Sequence[int], name: str, scores: Tensor) -> None:
+        """Write readout ``name``'s scores of the tokens of ``x`` into ``scores`` [token x layer, vocab]."""
+        kind, lens = self.readouts[name]
+        # Token-major rows [token, layer]: each token's final distribution applies to its L rows.
+        h = torch.stack([lens(x[row], layer) for row, layer in zip(rows, self.layers)], dim=1)
+        h = h.reshape(x.shape[1] * len(self.layers), -1).to(self.W_U.dtype)
+        if kind == "affinity":
+            h = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+            torch.mm(h, self.unit_T, out=scores)
+        else:
+            self.unembedding(h, out=scores)
+
+    @torch.no_grad()
+    def iter_scores(
+        self, x: Float[Tensor, "layer token d_model"], rows: Sequence[int], last: int, name: str
+    ) -> Iterator[tuple[Float[Tensor, "token layer d_vocab"], Float[Tensor, "token d_vocab"], Float[Tensor, " token"]]]:
+        """Readout ``name``'s full-vocabulary scores, chunk by chunk, with the final distribution.
+
+        Yields, per chunk of at most :attr:`tokens_per_chunk` tokens: the scores [token, layer, vocab] (a view
+        of the kernel's buffer, overwritten by the next chunk), the model's final distribution ``p``
+        [token, vocab] and ``sum_v p log p`` [token] (nats). For statistics the kernel does not compute
+        (e.g. :mod:`vsem_lens.readout.temperature`), with the same scores as :meth:`read`.
+
+        Example:
+            >>> for scores, p, neg_entropy in kernel.iter_scores(resid, rows, last, "affinity"):  # doctest: +SKIP
+            ...     print(scores.shape)
+        """
+        if name not in self.readouts:
+            raise InputError(f"unknown readout {name!r}; this kernel has {', '.join(self.names)}.")
+        n_layers = len(self.layers)
+        for start in range(0, x.shape[1], self.tokens_per_chunk):
+            chunk = x[:, start : start + self.tokens_per_chunk]
+            p, neg_entropy, _ = final_distribution(chunk[last], self.final_norm, self.unembedding, top1=False)
+            scores = self._buffers()[0][: chunk.shape[1] * n_layers]
+            self._fill_scores(chunk, rows, name, scores)
+            yield scores.view(chunk.shape[1], n_layers, self.d_vocab), p, neg_entropy
+
     @torch.no_grad()
     def _chunk(
         self, x: Tensor, rows: Sequence[int], last: int, k: int, names: Sequence[str]
@@ -245,15 +282,7 @@ class ReadoutKernel:
         target_index = final_ids.view(t, 1, 1).expand(t, n_layers, 1)
         results: dict[str, dict[str, Tensor]] = {}
         for name in names:
-            kind, lens = self.readouts[name]
-            # Token-major rows [token, layer]: each token's final distribution applies to its L rows.
-            h = torch.stack([lens(x[row], layer) for row, layer in zip(rows, self.layers)], dim=1)
-            h = h.reshape(t * n_layers, -1).to(self.W_U.dtype)
-            if kind == "affinity":
-                h = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-                torch.mm(h, self.unit_T, out=scores)
-            else:
-                self.unembedding(h, out=scores)
+            self._fill_scores(x, rows, name, scores)
             grid = scores.view(t, n_layers, V)
             target_score = grid.gather(2, target_index).squeeze(2)  # [t, L]
             values: dict[str, Tensor] = {}

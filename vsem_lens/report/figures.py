@@ -217,13 +217,21 @@ def _band(fig: go.Figure, x: Any, low: Any, high: Any, color: str, group: str, r
 
 
 # Long because four linked panels (rank, agreement, probability, KL) share readout styles and bands.
-def plot_prediction_formation(df: pd.DataFrame, *, d_vocab: int | None = None) -> go.Figure:
+def plot_prediction_formation(
+    df: pd.DataFrame, *, d_vocab: int | None = None, show_untempered: bool = False
+) -> go.Figure:
     """When does the prediction form: rank, agreement, probability and KL per layer and readout.
 
     Four panels sharing the layer axis: rank of the model's final top-1 token in the readout
     (1-based, median with an interquartile band, log scale); fraction of tokens whose readout top-1
     is that token; its probability under the readout (mean, interquartile band, log scale);
     KL(final || readout) in bits (mean, interquartile band).
+
+    Vocabulary affinity's probability and KL (a softmax over cosines with no temperature, the paper's
+    definition) are left out of the two lower panels unless ``show_untempered``: over a whole
+    vocabulary that softmax is nearly uniform, so they sit at ~1/V and ~log2 V - H(final) on every
+    layer and say nothing about the layer (docs/concepts/affinity.md; a fitted temperature,
+    :mod:`vsem_lens.readout.temperature`, gives them a scale). Its rank and agreement are shown.
 
     Example:
         >>> fig = plot_prediction_formation(report.tables["prediction_formation"])  # doctest: +SKIP
@@ -270,6 +278,8 @@ def plot_prediction_formation(df: pd.DataFrame, *, d_vocab: int | None = None) -
             row=1, col=2,
         )
         for row, col, stat, fmt, what in ((2, 1, "prob", ".3f", "probability"), (2, 2, "kl_bits", ".2f", "KL bits")):
+            if name == "affinity" and not show_untempered:
+                continue
             _band(fig, x, sub[f"{stat}_q25"], sub[f"{stat}_q75"], color, label, row, col)
             custom = np.stack([sub[f"{stat}_median"], sub[f"{stat}_q25"], sub[f"{stat}_q75"], sub[f"{stat}_std"]], axis=1)
             fig.add_trace(

@@ -194,9 +194,10 @@ def sections(report: Report, example_meta: list[dict[str, Any]]) -> list[Section
             "right: fraction of tokens whose readout top-1 equals the final prediction. Bottom: the probability "
             "the readout gives to that token and KL(final || readout) in bits (line = mean, band = interquartile "
             "range). The layer where the rank drops to 1 and the KL falls is where the prediction forms. "
-            "Vocabulary affinity is a softmax over cosines in [-1, 1] (no temperature, as in Gu et al.), so its "
-            "probabilities stay near 1/V and its KL near log2 V minus the final entropy: read affinity by rank "
-            "and agreement, not by probability.",
+            "Vocabulary affinity appears in the top panels only: as a softmax over cosines in [-1, 1] (no "
+            "temperature, as in Gu et al.) its probabilities stay near 1/V and its KL near log2 V minus the final "
+            "entropy on every layer, so they are uninformative and not drawn; read affinity by rank and agreement "
+            "(or fit a temperature, vsem_lens.readout.temperature, for probabilities with a scale).",
             ["prediction_formation"],
         ),
         Section(
