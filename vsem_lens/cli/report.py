@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..core.corpus import load_corpus
+from ..core.devices import check_dtype
 from ..core.distributed import destroy
 from ..core.errors import InputError
 from ..lenses.frames import check_frame
@@ -34,10 +33,6 @@ from .common import (
 )
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64"}
-
-
 def parse_dtype(spec: str):
     """Parse ``--dtype`` into a torch dtype.
 
@@ -45,10 +40,7 @@ def parse_dtype(spec: str):
         >>> str(parse_dtype("bf16"))
         'torch.bfloat16'
     """
-    name = DTYPES.get(str(spec).strip().lower())
-    if name is None:
-        raise InputError(f"--dtype expects one of float32, bfloat16, float16, float64; got {spec!r}.")
-    return getattr(torch, name)
+    return check_dtype(spec, "--dtype")
 
 
 def parse_placement(device_map: str | None, n_devices: str | None, max_memory: str | None) -> dict:

