@@ -21,9 +21,11 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
-from .errors import DataError, InputError
+import torch
+
+from .errors import ArtifactError, DataError, InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
@@ -122,6 +124,56 @@ def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors' names, dtypes, shapes and bytes: the content identity of a weights file.
+
+    Written next to every weights file the package saves and checked on load, so a file that changed
+    after it was written (a flipped byte, a NaN pasted into a row, a truncated copy) is caught instead
+    of silently producing wrong numbers.
+
+    Example:
+        >>> a = {"w": torch.zeros(2, 3)}
+        >>> tensors_digest(a) == tensors_digest({"w": torch.zeros(2, 3)}) != tensors_digest({"w": torch.ones(2, 3)})
+        True
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor], where: str, *, digest: str | None = None, remedy: str = ""
+) -> None:
+    """Refuse a loaded artifact whose floating tensors are not finite or whose content changed since saving.
+
+    Args:
+        tensors: the loaded tensors.
+        where: what and where the artifact is, for the message (e.g. ``"the basis in /path"``).
+        digest: the :func:`tensors_digest` recorded at save time (``None`` for files written before
+            digests existed: then only finiteness is checked).
+        remedy: what the user should do, appended to the message.
+
+    Raises:
+        ArtifactError: a NaN/inf value (named tensor and count) or a digest mismatch.
+
+    Example:
+        >>> check_tensors({"w": torch.tensor([1.0, float("nan")])}, "the example")
+        Traceback (most recent call last):
+        ...
+        vsem_lens.core.errors.ArtifactError: the example is corrupt: tensor 'w' has 1 non-finite value(s).
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ArtifactError(f"{where} is corrupt: tensor {name!r} has {bad} non-finite value(s).{remedy}")
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise ArtifactError(f"{where} is corrupt: its content does not match the digest written with it.{remedy}")
 
 
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
