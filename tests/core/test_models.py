@@ -175,6 +175,71 @@ def test_embedded_conversion_is_atomic_and_race_safe(tmp_path, monkeypatch, tiny
     assert len(calls) == n_calls  # reused, not converted again
 
 
+def _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_hf
+
+    calls = []
+
+    def fake(gguf, *, dtype):
+        calls.append(1)
+        return make_tiny_hf(tiny_tokenizer), tiny_tokenizer
+
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_from_gguf", fake)
+    return calls
+
+
+def test_a_truncated_conversion_is_converted_again(tmp_path, monkeypatch, tiny_tokenizer):
+    calls = _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.warns(UserWarning, match="damaged .*model.safetensors has 1000 bytes"):
+        again = models.embedded_model_dir()
+    assert again == target and len(calls) == 2
+    assert models._conversion_problem(again) is None
+
+
+def test_a_damaged_cached_model_is_rebuilt_by_load_model(tmp_path, monkeypatch, tiny_tokenizer):
+    calls = _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    weights = target / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(b"\xff" * size)  # same size, unreadable: only loading can tell
+    with pytest.warns(UserWarning, match="damaged"):
+        model = vl.load_model("embedded")
+    assert model.n_layers == 3 and len(calls) == 2
+
+
+def test_damaged_weights_of_a_model_directory_are_a_clear_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(vl.core.ModelLoadError, match="damaged or was cut short"):
+        vl.load_model(str(copy))
+
+
+def test_temp_folders_of_dead_writers_are_removed(tmp_path, monkeypatch, tiny_tokenizer):
+    import subprocess
+    import sys
+
+    from vsem_lens.core.io import temp_dir_name
+
+    _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    parent = tmp_path / "models"
+    stale = parent / temp_dir_name("SmolLM2-x", pid=int(dead.stdout))
+    live = parent / temp_dir_name("SmolLM2-y")  # this process: a live writer
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"0" * 100)
+    models.embedded_model_dir()
+    assert not stale.exists() and live.exists()
+
+
 def test_hooked_model_module_surface(tiny_model):
     """parameters / train / eval / logits go through the bridge, so analyses never touch ``bridge``."""
     bridge_params = list(tiny_model.bridge.parameters())

