@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..core.distributed import SINGLE, rank_device, resolve_env, torchrun_env
 from ..core.devices import check_device
+from ..core.distributed import SINGLE, rank_device, resolve_env, torchrun_env
 from ..core.errors import InputError
 from ..core.loading import load_model
 

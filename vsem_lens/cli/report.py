@@ -22,6 +22,7 @@ from ..core.errors import InputError
 from ..lenses.frames import check_frame
 from ..report.build import DEFAULT_LENS_TOKENS, DEFAULT_MAX_TOKENS, build_report
 from ..report.figures import total_seconds
+from ..report.record import check_report_destination
 from .common import (
     add_distributed_argument,
     add_model_arguments,
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     placement = parse_placement(args.device_map, args.n_devices, args.max_memory)
     if args.distributed and placement:
         raise InputError("--distributed runs one model copy per rank; do not combine it with --device-map/--n-devices.")
+    out = check_report_destination(args.out)  # before any work: a bad --out must not cost the whole pass
     env, device = start_distributed(args, "report")
     quiet = quiet or not env.is_main
 
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if report is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
         return 0
     report.add_timing("load_model", load_seconds)
-    out = report.save(args.out)
+    out = report.save(out)
     total = total_seconds(report.summary["timings_s"])
     tokens = report.summary["tokens"]
     say(

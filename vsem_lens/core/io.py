@@ -176,17 +176,18 @@ def check_tensors(
         raise ArtifactError(f"{where} is corrupt: its content does not match the digest written with it.{remedy}")
 
 
-TEMP_PREFIX = ".tmp-"
-
-
 def temp_dir_name(target: str, *, pid: int | None = None) -> str:
     """Name of a temporary sibling folder of ``target`` that records its writer's process id.
+
+    Everything the package writes as a folder (a report, a converted model) is first written under
+    this name and renamed into place, so :func:`remove_stale_temp_dirs` can tell a dead writer's
+    leftovers from a live writer's work in progress.
 
     Example:
         >>> temp_dir_name("model", pid=42).startswith(".tmp-model-42-")
         True
     """
-    return f"{TEMP_PREFIX}{target}-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+    return f".tmp-{target}-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
 
 
 def _alive(pid: int) -> bool:
@@ -194,37 +195,32 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except PermissionError:  # exists, owned by another user
         return True
     return True
 
 
-def remove_stale_temp_dirs(parent: str | os.PathLike, *, max_age_s: float = 24 * 3600.0) -> list[Path]:
-    """Delete temporary folders (:func:`temp_dir_name`) left in ``parent`` by writers that died.
+def remove_stale_temp_dirs(parent: str | os.PathLike, target: str) -> list[Path]:
+    """Delete the temporary folders of ``target`` (named by :func:`temp_dir_name`) whose writer is dead.
 
-    A folder is stale when the process that named it no longer exists on this machine, or when it is
-    older than ``max_age_s`` (a writer on another machine sharing the folder, or a reused pid). A live
-    writer's folder is never touched, so this is safe while another process converts or saves.
+    Only folders named exactly ``.tmp-<target>-<pid>-<8 hex>`` are considered, and only when process
+    ``pid`` no longer exists on this machine, so a live writer's folder (another process converting
+    or saving the same target right now) and anything else in ``parent`` are never touched.
 
     Returns:
         The folders removed.
     """
+    import re
     import shutil
-    import time
 
+    pattern = re.compile(rf"^\.tmp-{re.escape(target)}-(\d+)-[0-9a-f]{{8}}$")
     removed = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed
-    for path in parent.glob(f"{TEMP_PREFIX}*"):
-        try:
-            parts = path.name.rsplit("-", 2)
-            pid = int(parts[-2]) if len(parts) == 3 else -1
-            age = time.time() - path.stat().st_mtime
-        except (ValueError, OSError):
-            continue
-        dead = pid > 0 and not _alive(pid)
-        if path.is_dir() and (dead or age > max_age_s or (pid <= 0 and age > 3600.0)):
+    for path in parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

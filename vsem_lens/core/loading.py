@@ -441,7 +441,7 @@ def embedded_model_dir() -> Path:
             return target
         discard_embedded_model(target, problem)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(target.parent)  # left by conversions that were killed
+    remove_stale_temp_dirs(target.parent, target.name)  # left by conversions that were killed
     tmp = target.parent / temp_dir_name(target.name)
     started = time.perf_counter()
     try:
