@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -34,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError, check_layer_index, check_positive_int
+from .errors import InputError, NumericalError, check_int_list, check_layer_index, check_positive_int
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -79,9 +78,7 @@ def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]
     """
     if layers is None or (isinstance(layers, str) and layers == "all"):
         return list(range(n_layers))
-    if isinstance(layers, numbers.Integral):
-        layers = [layers]
-    out = [check_layer_index(layer, n_layers) for layer in layers]
+    out = [check_layer_index(layer, n_layers) for layer in check_int_list(layers, "layers")]
     if not out:
         raise InputError("no layers were given; pass None for all layers.")
     return sorted(set(out))

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core.errors import ArtifactError, NumericalError, VocabularyError
+from ..core.errors import ArtifactError, NumericalError, VocabularyError, check_int, check_int_list, check_layer_index
 from ..core.io import atomic_write, check_tensors, tensors_digest
 from ..core.models import HookedModel, cache_dir
 from ..lenses.base import Lens
@@ -226,7 +226,7 @@ class SemanticBasis:
             >>> basis.for_tokens([12, 13]).shape  # doctest: +SKIP
             torch.Size([2, 576])
         """
-        ids_t = torch.as_tensor([ids] if isinstance(ids, int) else ids, dtype=torch.long).reshape(-1)
+        ids_t = torch.tensor(check_int_list(ids, "token ids"), dtype=torch.long)
         bad = ids_t[(ids_t < 0) | (ids_t >= self.d_vocab)]
         if bad.numel():
             raise VocabularyError(
@@ -261,6 +261,7 @@ class SemanticBasis:
         Example:
             >>> basis.project(acts.layer("resid_post", 10), layer=10)  # doctest: +SKIP
         """
+        layer = check_layer_index(layer, self.model.n_layers) if self.model is not None else check_int(layer, "layer")
         return self.lens(h, layer)
 
     @property
