@@ -134,3 +134,12 @@ def test_a_corrupted_basis_is_refused_and_the_cache_rebuilt(tiny_model, tmp_path
         rebuilt = vl.SemanticBasis.from_model(tiny_model)
     assert torch.equal(rebuilt.vectors, fresh.vectors)
     assert torch.equal(vl.SemanticBasis.load(entry, model=tiny_model).vectors, fresh.vectors)  # the entry was rewritten
+
+
+@pytest.mark.parametrize("word", ["🙂", "猫"])
+def test_words_ending_in_a_byte_fragment_are_refused(tiny_model, word):
+    basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
+    pieces = tiny_model.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tiny_model.tokenizer.decode([pieces[-1]])  # the premise: a byte token, not a character
+    with pytest.raises(vl.core.VocabularyError, match="byte fragment"):
+        basis.token_ids_for_words([word])

@@ -84,7 +84,9 @@ def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, 
     splits into several tokens triggers a warning: its basis is then that of its last piece only.
 
     Raises:
-        VocabularyError: an empty word, a word that maps to the unknown token, or an id >= ``d_vocab``.
+        VocabularyError: an empty word, a word that maps to the unknown token, a word whose last token
+            is a byte fragment of a character (byte-level tokenizers split emoji and rare characters),
+            or an id >= ``d_vocab``.
 
     Example:
         >>> word_token_ids(model.tokenizer, ["Paris"], model.d_vocab)  # doctest: +SKIP
@@ -101,6 +103,12 @@ def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, 
         if not pieces or (unk is not None and pieces[-1] == unk):
             raise VocabularyError(
                 f"word {word!r} is not in the vocabulary (it maps to the unknown token); choose another word."
+            )
+        if "\ufffd" in tokenizer.decode([pieces[-1]]) and "\ufffd" not in word:
+            raise VocabularyError(
+                f"word {word!r} ends in a byte fragment: its last token is part of a character split over "
+                f"{len(pieces)} byte tokens, so its basis would be a stray byte's. Choose a word whose last "
+                "token is whole (most emoji and many CJK characters are not single tokens)."
             )
         if len(pieces) > 1 and warn:
             strings = [tokenizer.decode([p]) for p in pieces]
