@@ -39,7 +39,7 @@ from ..calibration.splits import ensure_splits
 from ..calibration.task_files import load_task_file
 from ..core.corpus import load_corpus
 from ..core.distributed import destroy
-from ..core.errors import ArtifactError, InputError
+from ..core.errors import ArtifactError, InputError, NumericalError
 from ..core.io import atomic_write
 from ..lenses.frames import FRAMES
 from .common import (
@@ -211,13 +211,18 @@ def run_classify(args: argparse.Namespace) -> int:
         raise InputError("no texts to classify; pass TEXT arguments or --file.")
     calibrated = CalibratedModel.load(head_dir, model=args.model or None)  # --model overrides the recorded one
     probs = calibrated.predict_proba(texts)
+    if not torch.isfinite(probs).all():
+        raise NumericalError(
+            f"the head in {head_dir} gave non-finite probabilities for {int((~torch.isfinite(probs)).any(1).sum())} "
+            "text(s); retrain it with `vsem-lens calibrate`."
+        )
     labels = [calibrated.head.classes[i] for i in probs.argmax(dim=1).tolist()]
     if args.json:
         rows = [
             {"text": t, "label": lab, "probabilities": dict(zip(calibrated.head.classes, map(float, p)))}
             for t, lab, p in zip(texts, labels, probs)
         ]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))  # strict JSON: NaN is not JSON
     else:
         for text, label, p in zip(texts, labels, probs):
             print(f"{label}\t{float(p.max()):.3f}\t{text}")

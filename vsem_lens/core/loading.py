@@ -53,6 +53,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     prepend_bos: bool = False,
     trust_remote_code: bool = False,
+    local_only: bool = False,
     **boot_kwargs: Any,
 ) -> HookedModel:
     """Load a hooked model.
@@ -70,6 +71,8 @@ def load_model(
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
             by default texts are tokenised exactly as the HF tokenizer does.
         trust_remote_code: passed to HF; off unless you ask for it.
+        local_only: never reach the network: a hub name must already be in the HF cache. Used when the
+            model is named by a saved artifact (a head's ``config.json``) rather than by the user.
         **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``n_ctx``, ...). The
             placement options of big models, ``device_map`` (``"auto"``, ``"balanced"``, a dict),
             ``n_devices`` (split over this many GPUs), ``max_memory`` and ``offload_folder``, are
@@ -139,7 +142,8 @@ def load_model(
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{local} is a file but not a .gguf file; pass a model directory or a .gguf.")
     hf_model, tokenizer = _from_pretrained(
-        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement
+        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement,
+        local_only=local_only,
     )
     return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
 
@@ -327,19 +331,26 @@ def _conversion_problem(folder: Path) -> str | None:
     return None
 
 
-def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None):
+def _from_pretrained(
+    path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None,
+    local_only: bool = False,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
+            path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only, **(placement or {})
         )
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        where = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub may be unreachable"
+        where = (
+            "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
+            if local_only
+            else "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub may be unreachable"
+        )
         raise ModelLoadError(
             f"could not load model {path!r}: it is not a local model directory and {where}. Pass "
             "'embedded', a local HF directory, a .gguf file, or a hub name that is in your HF cache "
