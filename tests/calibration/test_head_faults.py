@@ -70,3 +70,22 @@ def test_a_head_never_makes_vsem_lens_download_a_model(saved_run, tmp_path, caps
     assert main(["classify", "--head", str(head), "The cat sat."]) == 2
     err = capsys.readouterr().err
     assert "named by a saved artifact" in err and "Traceback" not in err
+
+
+def test_a_damaged_feature_cache_is_recomputed(tiny_model, tmp_path, monkeypatch):
+    from vsem_lens.calibration.features import extract_features
+
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path))
+    task = tiny_task().split("train")
+    first = extract_features(tiny_model, task, progress=False)
+    (entry,) = list(tmp_path.rglob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(entry), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(entry))
+    tensors["X"][0, 0] += 1.0  # finite and plausible, but not what the model computes
+    save_file(tensors, str(entry), metadata=meta)
+    with pytest.warns(UserWarning, match="recomputing features: .*digest"):
+        again = extract_features(tiny_model, task, progress=False)
+    assert not again.from_cache and torch.equal(again.X, first.X)
