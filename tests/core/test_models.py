@@ -69,6 +69,22 @@ def test_unknown_model_offline_is_clear(monkeypatch):
         vl.load_model("no-such-org/no-such-model-xyz")
 
 
+def test_unknown_model_without_network_fails_fast(monkeypatch):
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(vl.core.ModelLoadError, match="cannot be reached"):
+        vl.load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - start < 10  # was ~50 s of retries
+
+
 def test_missing_embedded_package(monkeypatch):
     real = importlib.util.find_spec
 

@@ -331,6 +331,27 @@ def _conversion_problem(folder: Path) -> str | None:
     return None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
+
+    Behind a proxy a direct connection proves nothing, so then the hub is assumed reachable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_pretrained(
     path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None,
     local_only: bool = False,
@@ -338,6 +359,10 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if not (local_only or offline or Path(path).expanduser().is_dir()) and not _hub_reachable():
+        local_only = True  # no network: use the HF cache at once instead of ~50 s of retries before failing
+        offline = True
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -345,11 +370,12 @@ def _from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only, **(placement or {})
         )
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         where = (
-            "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
+            "the hub cannot be reached from here (or offline mode is on, HF_HUB_OFFLINE=1)"
+            if offline
+            else "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
             if local_only
-            else "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub may be unreachable"
+            else "the hub may be unreachable"
         )
         raise ModelLoadError(
             f"could not load model {path!r}: it is not a local model directory and {where}. Pass "
