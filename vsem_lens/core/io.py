@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -144,6 +144,35 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def state_digest(state: Any) -> str:
+    """A SHA-256 of a nested state (dicts, lists, tensors, numbers, strings): a checkpoint's content identity.
+
+    Tensors are hashed by :func:`tensors_digest` under their path in the structure, everything else by
+    its ``repr``, so the digest changes with any value and is the same for equal states.
+
+    Example:
+        >>> state_digest({"a": [1, torch.ones(2)]}) == state_digest({"a": [1, torch.ones(2)]})
+        True
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    others: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[where] = value
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+        else:
+            others.append(f"{where}={value!r}")
+
+    walk(state, "")
+    return hashlib.sha256((tensors_digest(tensors) + "|" + "|".join(others)).encode()).hexdigest()
 
 
 def check_tensors(
