@@ -40,7 +40,7 @@ from ..calibration.task_files import load_task_file
 from ..core.corpus import load_corpus
 from ..core.distributed import destroy
 from ..core.errors import ArtifactError, InputError, NumericalError
-from ..core.io import atomic_write
+from ..core.io import atomic_write, check_writable
 from ..lenses.frames import FRAMES
 from .common import (
     add_distributed_argument,
@@ -115,9 +115,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(parse_positive(args.threads, "--threads"))
     task = load_cli_task(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; pass a directory.")
+    out = check_writable(args.out, kind="dir")  # before any work
     env, device = start_distributed(args, "calibrate")
     quiet = bool(args.quiet) or not env.is_main
     say = messenger(quiet)

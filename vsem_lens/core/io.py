@@ -109,6 +109,30 @@ def read_user_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]
         raise DataError(f"{what} {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
 
 
+def check_writable(path: str | os.PathLike, *, kind: str, option: str = "--out") -> Path:
+    """``path`` as an absolute path that can be written as a ``kind`` (``"file"`` or ``"dir"``), checked
+    before any work so a bad output path fails in a second, not after a long run.
+
+    Raises:
+        InputError: ``path`` exists with the other kind, or neither it nor its nearest existing parent is
+            a writable folder.
+
+    Example:
+        >>> check_writable("/no/such/root/out.csv", kind="file")  # doctest: +SKIP
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and (path.is_dir() != (kind == "dir")):
+        want = "a folder" if kind == "dir" else "a file"
+        raise InputError(f"{option} {str(path)!r} exists and is not {want}; choose another path.")
+    parent = path if path.is_dir() else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{option} {str(path)!r} cannot be written (it is not a folder: {existing}); choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {str(path)!r} cannot be written (no write permission in {existing}).")
+    return path
+
+
 def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
     """A hex digest of a sequence of texts (length-prefixed, so ``["ab", "c"]`` and ``["a", "bc"]`` differ).
 

@@ -26,7 +26,7 @@ import pandas as pd
 from torch import Tensor
 
 from ..core.errors import InputError, VsemLensError
-from ..core.io import remove_stale_temp_dirs, rename_exchange, temp_dir_name
+from ..core.io import check_writable, remove_stale_temp_dirs, rename_exchange, temp_dir_name
 from .figures import plot_timings
 from .html import render_page
 from .timing import peak_rss_mib, timings_table
@@ -208,11 +208,7 @@ def check_report_destination(out_dir: str | os.PathLike) -> Path:
     """
     out = Path(out_dir).expanduser().absolute()
     _check_replaceable(out)
-    existing = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "it is not a folder" if not existing.is_dir() else "no write permission"
-        raise InputError(f"--out {str(out)!r} cannot be written ({why}: {existing}); choose a writable directory.")
-    return out
+    return check_writable(out, kind="dir")
 
 
 def _check_replaceable(out: Path) -> None:
