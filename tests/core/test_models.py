@@ -239,21 +239,24 @@ def test_damaged_weights_of_a_model_directory_are_a_clear_error(tiny_model_dir, 
 
 
 def test_temp_folders_of_dead_writers_are_removed(tmp_path, monkeypatch, tiny_tokenizer):
+    import shutil
     import subprocess
     import sys
 
     from vsem_lens.core.io import temp_dir_name
 
     _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    shutil.rmtree(target)  # the next call converts again, and cleans up first
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    parent = tmp_path / "models"
-    stale = parent / temp_dir_name("SmolLM2-x", pid=int(dead.stdout))
-    live = parent / temp_dir_name("SmolLM2-y")  # this process: a live writer
-    for folder in (stale, live):
+    stale = target.parent / temp_dir_name(target.name, pid=int(dead.stdout))
+    live = target.parent / temp_dir_name(target.name)  # this process: a live writer
+    unrelated = target.parent / temp_dir_name("someone-else", pid=int(dead.stdout))  # not this target's
+    for folder in (stale, live, unrelated):
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"0" * 100)
     models.embedded_model_dir()
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and unrelated.exists()
 
 
 def test_hooked_model_module_surface(tiny_model):
