@@ -96,6 +96,19 @@ def test_bad_files_name_the_line(tmp_path, content, suffix, match):
         load_task_file(path)
 
 
+@pytest.mark.parametrize("column,option", [("label", "--label-column"), ("text", "--text-column")])
+def test_a_missing_column_is_one_error_naming_the_option(tmp_path, column, option):
+    rows = [{"text": f"t{i}", "label": "xy"[i % 2], "sentiment": "xy"[i % 2], "body": f"t{i}"} for i in range(30)]
+    for row in rows:
+        del row[column]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(vl.core.DataError) as info:
+        load_task_file(path)
+    message = str(info.value)
+    assert f"no {column!r} column" in message and option in message and "line" not in message
+
+
 def test_label_missing_from_verbalizer_and_other_errors(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", "label": "z"}\n')

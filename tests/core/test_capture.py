@@ -92,6 +92,9 @@ def test_nan_activations_are_reported(tiny_tokenizer):
     model = vl.load_model((hf, tiny_tokenizer))
     with pytest.raises(vl.core.NumericalError, match="NaN"):
         vl.capture(model, TEXTS)
+    # The message names where the NaN entered (layer 1's MLP output), not the first site it checks.
+    with pytest.raises(vl.core.NumericalError, match="layer 1, site 'mlp_out'"):
+        vl.capture(model, TEXTS, sites=("resid_post", "resid_mid", "mlp_out"))
 
 
 @pytest.mark.embedded

@@ -212,7 +212,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(dir_model, reference, tmp_p
     assert resumed_calls == list(range(5, 17))
     assert resumed.summary["ranks"]["per_rank"][0]["resumed_after_batches"] == 4
     assert_tables_close(reference.tables, resumed.tables, lens_tol=1e-12)
-    assert not any(tmp_path.rglob("*.pt"))  # removed once the report is built
+    assert any(tmp_path.rglob("*.pt"))  # kept until the report is safely written...
+    resumed.save(tmp_path / "report")
+    assert not any(tmp_path.rglob("*.pt"))  # ...and removed then
 
     # Other arguments never pick up this run's checkpoint.
     with pytest.raises(Stop):

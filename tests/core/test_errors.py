@@ -35,5 +35,5 @@ def test_layer_indices_count_from_the_end_and_name_the_range():
     assert check_layers(np.int64(2), 4) == [2]
     with pytest.raises(InputError, match="layer 4 is out of range: the model has layers 0..3"):
         check_layer_index(4, 4)
-    with pytest.raises(InputError, match="not an integer"):
+    with pytest.raises(InputError, match="must be an integer"):
         check_layers([1.7], 4)

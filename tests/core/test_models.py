@@ -69,6 +69,22 @@ def test_unknown_model_offline_is_clear(monkeypatch):
         vl.load_model("no-such-org/no-such-model-xyz")
 
 
+def test_unknown_model_without_network_fails_fast(monkeypatch):
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(vl.core.ModelLoadError, match="cannot be reached"):
+        vl.load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - start < 10  # was ~50 s of retries
+
+
 def test_missing_embedded_package(monkeypatch):
     real = importlib.util.find_spec
 
@@ -173,6 +189,74 @@ def test_embedded_conversion_is_atomic_and_race_safe(tmp_path, monkeypatch, tiny
     n_calls = len(calls)
     models.embedded_model_dir()
     assert len(calls) == n_calls  # reused, not converted again
+
+
+def _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_hf
+
+    calls = []
+
+    def fake(gguf, *, dtype):
+        calls.append(1)
+        return make_tiny_hf(tiny_tokenizer), tiny_tokenizer
+
+    monkeypatch.setenv("VSEM_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_from_gguf", fake)
+    return calls
+
+
+def test_a_truncated_conversion_is_converted_again(tmp_path, monkeypatch, tiny_tokenizer):
+    calls = _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.warns(UserWarning, match="damaged .*model.safetensors has 1000 bytes"):
+        again = models.embedded_model_dir()
+    assert again == target and len(calls) == 2
+    assert models._conversion_problem(again) is None
+
+
+def test_a_damaged_cached_model_is_rebuilt_by_load_model(tmp_path, monkeypatch, tiny_tokenizer):
+    calls = _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    weights = target / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(b"\xff" * size)  # same size, unreadable: only loading can tell
+    with pytest.warns(UserWarning, match="damaged"):
+        model = vl.load_model("embedded")
+    assert model.n_layers == 3 and len(calls) == 2
+
+
+def test_damaged_weights_of_a_model_directory_are_a_clear_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(vl.core.ModelLoadError, match="damaged or was cut short"):
+        vl.load_model(str(copy))
+
+
+def test_temp_folders_of_dead_writers_are_removed(tmp_path, monkeypatch, tiny_tokenizer):
+    import shutil
+    import subprocess
+    import sys
+
+    from vsem_lens.core.io import temp_dir_name
+
+    _fake_conversion(monkeypatch, tmp_path, tiny_tokenizer)
+    target = models.embedded_model_dir()
+    shutil.rmtree(target)  # the next call converts again, and cleans up first
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = target.parent / temp_dir_name(target.name, pid=int(dead.stdout))
+    live = target.parent / temp_dir_name(target.name)  # this process: a live writer
+    unrelated = target.parent / temp_dir_name("someone-else", pid=int(dead.stdout))  # not this target's
+    for folder in (stale, live, unrelated):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"0" * 100)
+    models.embedded_model_dir()
+    assert not stale.exists() and live.exists() and unrelated.exists()
 
 
 def test_hooked_model_module_surface(tiny_model):

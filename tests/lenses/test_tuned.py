@@ -148,6 +148,17 @@ def test_save_load_round_trip(tiny_model, tiny_tokenizer, trained, tmp_path):
         TunedLens.load(path, model=other)
     with pytest.raises(vl.core.ArtifactError, match="no tuned lens"):
         TunedLens.load(tmp_path / "nowhere", model=tiny_model)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "weights.safetensors"))
+    tensors["layer_translators.0.bias"][1] = float("nan")
+    save_file(tensors, str(path / "weights.safetensors"))
+    with pytest.raises(vl.core.ArtifactError, match="non-finite"):
+        TunedLens.load(path, model=tiny_model)
+    tensors["layer_translators.0.bias"][1] = 0.5
+    save_file(tensors, str(path / "weights.safetensors"))
+    with pytest.raises(vl.core.ArtifactError, match="digest"):
+        TunedLens.load(path, model=tiny_model)
     (path / "weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(vl.core.ArtifactError, match="could not read"):
         TunedLens.load(path, model=tiny_model)

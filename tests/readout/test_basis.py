@@ -100,3 +100,46 @@ def test_embedded_basis_matches_pinv(embedded):
     ref = torch.linalg.pinv(embedded.W_U.double())
     assert ((basis.vectors.double() - ref).norm() / ref.norm()) <= 1e-5
     assert abs(float(basis.leverage().sum()) - 576) < 1e-3
+
+
+def _rewrite(path, edit):
+    """Change the saved vectors in place (as a disk fault or a careless edit would), keeping the metadata."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "basis.safetensors"))
+    edit(tensors["vectors"])
+    save_file(tensors, str(path / "basis.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        (lambda v: v[3].fill_(float("nan")), "non-finite"),
+        (lambda v: v[3, 0].mul_(1.001), "digest"),  # finite, plausible, wrong
+    ],
+)
+def test_a_corrupted_basis_is_refused_and_the_cache_rebuilt(tiny_model, tmp_path, fault, message):
+    from vsem_lens.core.models import cache_dir
+
+    fresh = vl.SemanticBasis.from_model(tiny_model, cache=False)
+    saved = fresh.save(tmp_path / "b")
+    _rewrite(saved, fault)
+    with pytest.raises(vl.core.ArtifactError, match=message):
+        vl.SemanticBasis.load(saved, model=tiny_model)
+
+    vl.SemanticBasis.from_model(tiny_model)  # writes the cache entry
+    (entry,) = [p for p in (cache_dir() / "bases").iterdir() if p.name.startswith(tiny_model.fingerprint)]
+    _rewrite(entry, fault)
+    with pytest.warns(UserWarning, match="rebuilding the cached semantic basis"):
+        rebuilt = vl.SemanticBasis.from_model(tiny_model)
+    assert torch.equal(rebuilt.vectors, fresh.vectors)
+    assert torch.equal(vl.SemanticBasis.load(entry, model=tiny_model).vectors, fresh.vectors)  # the entry was rewritten
+
+
+@pytest.mark.parametrize("word", ["🙂", "猫"])
+def test_words_ending_in_a_byte_fragment_are_refused(tiny_model, word):
+    basis = vl.SemanticBasis.from_model(tiny_model, cache=False)
+    pieces = tiny_model.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tiny_model.tokenizer.decode([pieces[-1]])  # the premise: a byte token, not a character
+    with pytest.raises(vl.core.VocabularyError, match="byte fragment"):
+        basis.token_ids_for_words([word])

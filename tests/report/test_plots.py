@@ -89,3 +89,16 @@ def test_bad_inputs():
         plots.plot_affinity_sparsity(pd.DataFrame({"layer": [0]}))
     with pytest.raises(InputError, match="BasisCoherence"):
         plots.plot_leverage(3)
+
+
+def test_leverage_hovers_escape_vocabulary_tokens():
+    """Tokens such as <jupyter_start> must show literally in plotly hovers, not vanish as markup."""
+    tokens = ["<jupyter_start>", "<b>", " Paris", "a&b", "x"] * 3
+    leverage = pd.DataFrame({"token_id": range(15), "token": tokens, "leverage": [i / 15 for i in range(15)]})
+    order = leverage.sort_values("leverage", ascending=False)
+    extremes = pd.concat([order.head(3).assign(end="high"), order.tail(3).assign(end="low")])
+    extremes["rank"] = list(range(3)) * 2
+    fig = plots.plot_leverage({"leverage": leverage, "leverage_extremes": extremes, "d_model": 4})
+    hovers = [str(cell) for trace in fig.data if trace.customdata is not None for cell in trace.customdata[:, 0]]
+    assert "'&lt;jupyter_start&gt;'" in hovers and "'&lt;b&gt;'" in hovers and "'a&amp;b'" in hovers
+    assert not any("<" in text or ">" in text for text in hovers)

@@ -217,10 +217,12 @@ def test_save_replaces_only_reports_and_is_atomic(tiny_report, tmp_path, monkeyp
     with pytest.raises(InputError, match="is a file"):
         tiny_report.save(precious / "thesis.tex")
     # Temporaries left by a killed run (dead pid) are cleaned up by the next save.
-    stale = tmp_path / ".rep.tmp-999999999-0123abcd"
+    stale = tmp_path / f".tmp-{out.name}-999999999-0123abcd"
+    live = tmp_path / f".tmp-{out.name}-{os.getppid()}-0123abcd"  # a live writer's work in progress
     stale.mkdir()
+    live.mkdir()
     tiny_report.save(out)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -340,3 +342,58 @@ def test_cli_embedded_small(tmp_path, capsys):
     examples = pd.read_csv(out / "examples.csv")
     last = examples[(examples.layer == 29)].sort_values("position").iloc[-1]
     assert last["final_token"].strip() == "Rome"
+
+
+@pytest.mark.parametrize("kind", ["not a report", "under a file"])
+def test_cli_checks_out_before_loading_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch, kind):
+    from vsem_lens.cli import common
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(common, "load_model", no_load)
+    if kind == "not a report":
+        out = tmp_path / "thesis"
+        out.mkdir()
+        (out / "chapter1.tex").write_text("keep")
+        fragment = "not a vsem-lens report"
+    else:
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "report"
+        fragment = "cannot be written (it is not a folder"
+    rc = main(["report", "--model", str(tiny_model_dir), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and fragment in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_out_is_refused_before_work(tmp_path):
+    from vsem_lens.report import check_report_destination
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="no write permission"):
+            check_report_destination(locked / "report")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_checkpoint_is_kept_until_the_report_is_written(tiny_model, tmp_path, monkeypatch):
+    from vsem_lens.report import ReportWriteError
+
+    ckpt = tmp_path / "ckpt"
+    report = build_report(tiny_model, TINY_TEXTS, lens_tokens=20, checkpoint_dir=ckpt, progress=False)
+    assert list(ckpt.rglob("*.pt")), "the end-of-pass state must survive until the report is saved"
+
+    def disk_full(self, out):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module.Report, "_save", disk_full)
+        with pytest.raises(ReportWriteError, match="checkpoint is kept"):
+            report.save(tmp_path / "out")
+    assert list(ckpt.rglob("*.pt"))
+    report.save(tmp_path / "out")
+    assert not list(ckpt.rglob("*.pt")) and (tmp_path / "out" / "index.html").is_file()

@@ -159,6 +159,8 @@ class CalibratedModel:
     def load(cls, path: str | os.PathLike, model: Any = None, *, lens: Lens | None = None) -> "CalibratedModel":
         """Load a saved classifier; loads the recorded model unless ``model`` is given (a hooked model,
         or a model spec for :func:`~vsem_lens.core.loading.load_model`, loaded with the recorded BOS rule).
+        The recorded model is loaded from local files only (the embedded model, a local folder or the HF
+        cache): a saved head never makes vsem-lens download a model; pass ``model`` to choose one.
         A head trained in the ``tuned`` frame needs the same tuned lens (``lens=`` or the cached one).
 
         Example:
@@ -172,7 +174,8 @@ class CalibratedModel:
             raise ArtifactError(f"the head in {path} lacks the prompt metadata {missing}; save it with CalibratedModel.save.")
         if model is None or isinstance(model, (str, os.PathLike)):
             spec = meta.get("model", "embedded") if model is None else model
-            model = load_model(spec, prepend_bos=bool(meta.get("prepend_bos", False)))
+            # A model named by the head's files is never downloaded: a folder must not decide what is fetched.
+            model = load_model(spec, prepend_bos=bool(meta.get("prepend_bos", False)), local_only=model is None)
         if meta.get("fingerprint") and meta["fingerprint"] != model.fingerprint:
             raise ArtifactError(
                 f"the head in {path} was trained on another model (fingerprint {meta['fingerprint']} vs "

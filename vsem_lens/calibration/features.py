@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 
 from ..core.capture import check_layers, iter_capture
 from ..core.distributed import SINGLE, DistEnv, all_gather_objects, all_reduce_sum, resolve_env, shard
-from ..core.errors import InputError, NumericalError, VocabularyError, check_positive_int
-from ..core.io import atomic_write, texts_digest
+from ..core.errors import ArtifactError, InputError, NumericalError, VocabularyError, check_positive_int
+from ..core.io import atomic_write, check_tensors, tensors_digest, texts_digest
 from ..core.models import HookedModel, cache_dir, check_texts
 from ..lenses.base import Lens
 from ..lenses.frames import lens_identity, resolve_frame
@@ -359,11 +359,12 @@ def _save(
         "seconds": f"{seconds:.6f}",
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta["sha256"] = tensors_digest(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load(path: Path, key: str) -> tuple[dict[str, Tensor], float] | None:
-    """A cache entry, or None when it is unreadable or stale (it is then recomputed and overwritten)."""
+    """A cache entry, or None when it is unreadable, stale or damaged (it is then recomputed and overwritten)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -371,6 +372,11 @@ def _load(path: Path, key: str) -> tuple[dict[str, Tensor], float] | None:
     except Exception:  # safetensors raises its own error types on corrupt files
         return None
     if meta.get("key") != key or set(tensors) != {"X", "X_mean", "X_max", "label_logits"}:
+        return None
+    try:
+        check_tensors(tensors, f"the feature cache {path}", digest=meta.get("sha256"))
+    except ArtifactError as exc:
+        warnings.warn(f"recomputing features: {exc}", stacklevel=3)
         return None
     try:
         seconds = float(meta.get("seconds", "0"))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..core.errors import ArtifactError
-from ..core.io import atomic_write
+from ..core.io import atomic_write, check_tensors, tensors_digest
 
 FORMAT_VERSION = 1
 KIND = "vsem_lens.NeuralClusteringHead"
@@ -32,7 +32,7 @@ def write_head_files(path: str | os.PathLike, config: dict, weights: dict[str, T
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, "kind": KIND, **config}
+    config = {"format_version": FORMAT_VERSION, "kind": KIND, **config, "sha256": tensors_digest(weights)}
     atomic_write(path / "weights.safetensors", lambda tmp: save_file(weights, str(tmp)))
     atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return path
@@ -41,8 +41,8 @@ def write_head_files(path: str | os.PathLike, config: dict, weights: dict[str, T
 def read_head_files(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """Read and check a head directory written by :func:`write_head_files`.
 
-    Raises :class:`~vsem_lens.core.errors.ArtifactError` when files are missing, unreadable, not a head
-    or written by a newer vsem-lens.
+    Raises :class:`~vsem_lens.core.errors.ArtifactError` when files are missing, unreadable, not a head,
+    written by a newer vsem-lens, or hold non-finite weights or weights changed since saving.
 
     Example:
         >>> config, weights = read_head_files("my_head")  # doctest: +SKIP
@@ -59,6 +59,8 @@ def read_head_files(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise ArtifactError(f"{path} does not hold a vsem-lens calibration head.")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"the head in {path} was saved by a newer vsem-lens; upgrade to load it.")
+    check_tensors(weights, f"the head in {path}", digest=config.get("sha256"),
+                  remedy=" Retrain it with `vsem-lens calibrate` (or restore the folder from a copy).")
     return config, weights
 
 

@@ -181,6 +181,16 @@ def _class_label_names(dataset: Any, column: str) -> list[str] | None:
     return list(names) if names else None
 
 
+def _check_columns(records: Sequence[Record], where: str, columns: Mapping[str, str]) -> None:
+    """A column that no record has is one error naming the option to set, not one error per row."""
+    present = {key for _, row in records for key in row if key != "__split__"}
+    for option, column in columns.items():
+        if records and column not in present:
+            raise DataError(
+                f"{where} has no {column!r} column (its columns: {sorted(present)}); name the right one with {option}."
+            )
+
+
 def _row_problems(
     number: int, row: Mapping[str, Any], text_column: str, label_column: str, split_column: str | None
 ) -> list[str]:
@@ -224,6 +234,8 @@ def task_from_records(
         ...                   template="{text}").labels
         ['x', 'y']
     """
+    records = list(records)
+    _check_columns(records, where, {"--text-column / text_column=": text_column, "--label-column / label_column=": label_column})
     texts, labels, splits = [], [], []
     extra: dict[str, list[Any]] = {column: [] for column in metadata_columns}
     problems: list[str] = []

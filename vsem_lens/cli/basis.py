@@ -17,6 +17,7 @@ import argparse
 
 import pandas as pd
 
+from ..core.io import check_writable
 from ..geometry import basis_coherence
 from ..lenses.frames import check_frame
 from ..readout.basis import SemanticBasis
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     frame = check_frame(args.frame)
     sample = parse_positive(args.sample, "--sample")
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else []
+    if args.out:
+        check_writable(args.out, kind="dir")  # before any work
     model, _ = load_model_from_args(args, say)
     basis = SemanticBasis.from_model(model, frame=frame)
     if words:

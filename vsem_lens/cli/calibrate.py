@@ -39,8 +39,8 @@ from ..calibration.splits import ensure_splits
 from ..calibration.task_files import load_task_file
 from ..core.corpus import load_corpus
 from ..core.distributed import destroy
-from ..core.errors import ArtifactError, InputError
-from ..core.io import atomic_write
+from ..core.errors import ArtifactError, InputError, NumericalError
+from ..core.io import atomic_write, check_writable
 from ..lenses.frames import FRAMES
 from .common import (
     add_distributed_argument,
@@ -115,9 +115,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(parse_positive(args.threads, "--threads"))
     task = load_cli_task(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; pass a directory.")
+    out = check_writable(args.out, kind="dir")  # before any work
     env, device = start_distributed(args, "calibrate")
     quiet = bool(args.quiet) or not env.is_main
     say = messenger(quiet)
@@ -211,13 +209,18 @@ def run_classify(args: argparse.Namespace) -> int:
         raise InputError("no texts to classify; pass TEXT arguments or --file.")
     calibrated = CalibratedModel.load(head_dir, model=args.model or None)  # --model overrides the recorded one
     probs = calibrated.predict_proba(texts)
+    if not torch.isfinite(probs).all():
+        raise NumericalError(
+            f"the head in {head_dir} gave non-finite probabilities for {int((~torch.isfinite(probs)).any(1).sum())} "
+            "text(s); retrain it with `vsem-lens calibrate`."
+        )
     labels = [calibrated.head.classes[i] for i in probs.argmax(dim=1).tolist()]
     if args.json:
         rows = [
             {"text": t, "label": lab, "probabilities": dict(zip(calibrated.head.classes, map(float, p)))}
             for t, lab, p in zip(texts, labels, probs)
         ]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))  # strict JSON: NaN is not JSON
     else:
         for text, label, p in zip(texts, labels, probs):
             print(f"{label}\t{float(p.max()):.3f}\t{text}")

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..core.devices import check_device
 from ..core.distributed import SINGLE, rank_device, resolve_env, torchrun_env
 from ..core.errors import InputError
 from ..core.loading import load_model
@@ -18,7 +19,7 @@ CORPUS_HELP = "default | FILE.txt | FILE.jsonl | FILE.csv"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device`` and ``--prepend-bos``, the same for every command."""
     parser.add_argument("--model", default="embedded", help=MODEL_HELP)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default cpu; checked against this machine)")
     parser.add_argument("--prepend-bos", action="store_true",
                         help="prepend BOS to every text (TransformerLens convention; default: as the HF tokenizer)")
 
@@ -36,12 +37,14 @@ def start_distributed(args: argparse.Namespace, command: str):
     Without ``--distributed`` this is ``(SINGLE, args.device)``; ``cuda`` becomes ``cuda:LOCAL_RANK``.
 
     Raises:
-        InputError: ``--distributed`` outside torchrun.
+        InputError: ``--distributed`` outside torchrun; a ``--device`` this machine does not have.
     """
+    check_device(args.device, "--device")  # before any work: a typo must not become a silent CPU run
     if not getattr(args, "distributed", False):
         return SINGLE, args.device
     layout = torchrun_env()
     device = rank_device(layout, args.device) if layout is not None else args.device
+    check_device(device, "--device")
     return resolve_env(True, device=device, command=command), device
 
 
@@ -62,10 +65,12 @@ def load_model_from_args(
 
     ``kwargs`` go to :func:`~vsem_lens.core.loading.load_model` (``dtype``, the placement options, ...).
     """
+    check_device(device or args.device, "--device")
     started = time.perf_counter()
     model = load_model(args.model, device=device or args.device, prepend_bos=args.prepend_bos, **kwargs)
     seconds = time.perf_counter() - started
-    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) in {seconds:.1f} s")
+    dtype = str(model.dtype).removeprefix("torch.")
+    say(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) on {model.device}, {dtype}, in {seconds:.1f} s")
     return model, seconds
 
 

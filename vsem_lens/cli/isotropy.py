@@ -16,7 +16,7 @@ import argparse
 import pandas as pd
 
 from ..core.corpus import load_corpus
-from ..core.io import atomic_write
+from ..core.io import atomic_write, check_writable
 from ..geometry import isotropy_by_layer
 from .common import CORPUS_HELP, add_model_arguments, load_model_from_args, messenger, parse_layers, parse_positive
 
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         texts = texts[: parse_positive(args.max_texts, "--max-texts")]
     batch_size = parse_positive(args.batch_size, "--batch-size")
     layers = parse_layers(args.layers)
+    if args.out:
+        check_writable(args.out, kind="file")  # before any work
     model, _ = load_model_from_args(args, say)
     table = isotropy_by_layer(
         model, texts, sites=_names(args.sites), frames=_names(args.frames), layers=layers,

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..core.corpus import load_corpus
 from ..core.distributed import destroy
 from ..core.errors import InputError
-from ..core.io import texts_digest
+from ..core.io import check_writable, texts_digest
 from ..lenses.training import CHECKPOINT_FILE, CHECKPOINT_VERSION, TrainingConfig
 from ..lenses.tuned import TunedLens, tuned_lens_cache_path
 from .common import add_distributed_argument, add_model_arguments, load_model_from_args, messenger, start_distributed
@@ -40,6 +40,8 @@ def run_train(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
     if args.no_cache and not args.out:
         raise InputError("--no-cache without --out would save the lens nowhere; pass --out DIR.")
+    if args.out:
+        check_writable(args.out, kind="dir")  # before any work
     config = TrainingConfig(
         optimizer=args.optimizer,
         lr=args.lr,

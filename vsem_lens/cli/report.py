@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..core.corpus import load_corpus
+from ..core.devices import check_dtype
 from ..core.distributed import destroy
 from ..core.errors import InputError
 from ..lenses.frames import check_frame
 from ..report.build import DEFAULT_LENS_TOKENS, DEFAULT_MAX_TOKENS, build_report
 from ..report.figures import total_seconds
+from ..report.record import check_report_destination
 from .common import (
     add_distributed_argument,
     add_model_arguments,
@@ -34,10 +34,6 @@ from .common import (
 )
 
 DEFAULT_CHECKPOINT_DIR = ".vsem-checkpoints"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64"}
-
-
 def parse_dtype(spec: str):
     """Parse ``--dtype`` into a torch dtype.
 
@@ -45,10 +41,7 @@ def parse_dtype(spec: str):
         >>> str(parse_dtype("bf16"))
         'torch.bfloat16'
     """
-    name = DTYPES.get(str(spec).strip().lower())
-    if name is None:
-        raise InputError(f"--dtype expects one of float32, bfloat16, float16, float64; got {spec!r}.")
-    return getattr(torch, name)
+    return check_dtype(spec, "--dtype")
 
 
 def parse_placement(device_map: str | None, n_devices: str | None, max_memory: str | None) -> dict:
@@ -101,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     placement = parse_placement(args.device_map, args.n_devices, args.max_memory)
     if args.distributed and placement:
         raise InputError("--distributed runs one model copy per rank; do not combine it with --device-map/--n-devices.")
+    out = check_report_destination(args.out)  # before any work: a bad --out must not cost the whole pass
     env, device = start_distributed(args, "report")
     quiet = quiet or not env.is_main
 
@@ -131,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if report is None:  # a rank other than 0 of a distributed run: rank 0 writes the report
         return 0
     report.add_timing("load_model", load_seconds)
-    out = report.save(args.out)
+    out = report.save(out)
     total = total_seconds(report.summary["timings_s"])
     tokens = report.summary["tokens"]
     say(

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -34,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError, check_layer_index, check_positive_int
+from .errors import InputError, NumericalError, check_int_list, check_layer_index, check_positive_int
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -70,6 +69,32 @@ def check_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
     return sites
 
 
+#: Where each site sits inside a block, in forward order (``embed`` is read before block 0).
+FORWARD_ORDER = {"embed": 0, "resid_pre": 1, "attn_out": 2, "resid_mid": 3, "mlp_out": 4, "resid_post": 5}
+
+
+def first_non_finite(acts: dict[str, Tensor], layers: Sequence[int]) -> tuple[int, str] | None:
+    """The earliest ``(layer, site)`` in forward order whose activations hold a NaN or inf, or ``None``.
+
+    Naming the earliest place, not the first site checked, points at where the values went bad.
+
+    Example:
+        >>> a = torch.zeros(2, 1, 3); b = torch.zeros(2, 1, 3); a[1, 0, 0] = float("nan"); b[1, 0, 1] = float("inf")
+        >>> first_non_finite({"resid_post": a, "mlp_out": b}, [4, 7])
+        (7, 'mlp_out')
+    """
+    found = []
+    for site, tensor in acts.items():
+        # A sum is a fast multi-threaded NaN/inf test; only if it fails (or overflows) look closer.
+        if torch.isfinite(tensor.sum()):
+            continue
+        bad_layers = (~torch.isfinite(tensor)).flatten(1).any(dim=1).nonzero()
+        if bad_layers.numel():
+            first = int(bad_layers[0, 0])
+            found.append((layers[first], FORWARD_ORDER.get(site, len(FORWARD_ORDER)), site))
+    return min(found)[::2] if found else None
+
+
 def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
     """Validate layer indices (negative indices count from the end); ``None`` means all layers.
 
@@ -79,9 +104,7 @@ def check_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]
     """
     if layers is None or (isinstance(layers, str) and layers == "all"):
         return list(range(n_layers))
-    if isinstance(layers, numbers.Integral):
-        layers = [layers]
-    out = [check_layer_index(layer, n_layers) for layer in layers]
+    out = [check_layer_index(layer, n_layers) for layer in check_int_list(layers, "layers")]
     if not out:
         raise InputError("no layers were given; pass None for all layers.")
     return sorted(set(out))
@@ -247,14 +270,14 @@ def iter_capture(
                 f"the hooks {', '.join(missing[:4])} did not fire; this model's hook names are not TransformerLens's."
             )
         if check_finite:
-            for site, tensor in acts.items():
-                # A sum is a fast multi-threaded NaN/inf test; only if it fails (or overflows) look closer.
-                if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-                    raise NumericalError(
-                        f"the model produced NaN/inf activations at site {site!r} for texts "
-                        f"{start}..{start + n_batch - 1}; check the weights and dtype "
-                        "(float16 overflows are common: try dtype=torch.float32)."
-                    )
+            entry = first_non_finite(acts, layer_list)
+            if entry is not None:
+                layer, site = entry
+                raise NumericalError(
+                    f"the model produced NaN/inf activations for texts {start}..{start + n_batch - 1}; the first "
+                    f"captured place they appear (in forward order) is layer {layer}, site {site!r}. Check the "
+                    "weights and dtype (float16 overflows are common: try dtype=torch.float32)."
+                )
         rows, cols = rows_cols
         yield ActivationBatch(
             acts=acts,

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -117,6 +118,29 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_int_list(values: Any, name: str) -> list[int]:
+    """An integer, or a sequence of integers (list, tuple, range, NumPy array, integer tensor), as a list.
+
+    Floats, strings and ``bool`` are refused, also inside the sequence (``[1.7]`` is not token 1).
+
+    Example:
+        >>> import numpy as np
+        >>> check_int_list(np.arange(2), "ids"), check_int_list(np.int64(3), "ids")
+        ([0, 1], [3])
+        >>> check_int_list([1.7], "ids")
+        Traceback (most recent call last):
+        vsem_lens.core.errors.InputError: ids must be an integer, got 1.7.
+    """
+    if isinstance(values, numbers.Integral) and not isinstance(values, bool):
+        return [int(values)]
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # NumPy arrays, tensors
+        values = values.tolist()
+        values = values if isinstance(values, list) else [values]
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+        raise InputError(f"{name} must be an integer or a sequence of integers, got {values!r}.")
+    return [check_int(value, name) for value in values]
 
 
 def check_layer_index(layer: Any, n_layers: int, *, owner: str = "the model") -> int:

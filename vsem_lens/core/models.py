@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, check_positive_int
 from .logits import Unembedding, effective_transform
 
 
@@ -236,9 +236,7 @@ class HookedModel:
         """
         texts = check_texts(texts)
         bos = self.prepend_bos if prepend_bos is None else bool(prepend_bos)
-        limit = self.n_ctx if max_length is None else int(max_length)
-        if limit < 1:
-            raise InputError(f"max_length must be a positive number of tokens, got {max_length}.")
+        limit = self.n_ctx if max_length is None else check_positive_int(max_length, "max_length")
         rows: list[list[int]] = []
         for index, text in enumerate(texts):
             ids = list(self.tokenizer(text)["input_ids"])

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
@@ -458,7 +459,7 @@ def check_result_options(k_outliers: Any, zeta: Any, star_reference: Any, d_mode
     zeta = check_zeta(zeta)
     if star_reference not in STAR_REFERENCES:
         raise InputError(f"unknown star_reference {star_reference!r}; choose from {', '.join(STAR_REFERENCES)}.")
-    if isinstance(k_outliers, bool) or not isinstance(k_outliers, int) or not 1 <= k_outliers <= d_model:
+    if isinstance(k_outliers, bool) or not isinstance(k_outliers, numbers.Integral) or not 1 <= k_outliers <= d_model:
         raise InputError(f"k_outliers must be an integer between 1 and d_model={d_model}, got {k_outliers!r}.")
     return zeta
 

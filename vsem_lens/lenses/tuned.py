@@ -73,7 +73,7 @@ from torch import Tensor
 
 from ..core.distributed import DistEnv, resolve_env
 from ..core.errors import ArtifactError, InputError, check_layer_index
-from ..core.io import atomic_write
+from ..core.io import atomic_write, check_tensors, tensors_digest
 from ..core.models import HookedModel, cache_dir, check_texts
 from .base import Lens
 from .training import TrainingConfig, TunedLensTrainer
@@ -289,6 +289,7 @@ class TunedLens(Lens):
             "training": self.config.to_dict() if self.config is not None else None,
             **{k: v for k, v in self.metadata.items() if k not in ("training",)},
         }
+        config["sha256"] = tensors_digest(tensors)
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         atomic_write(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         return path
@@ -310,6 +311,8 @@ class TunedLens(Lens):
             raise ArtifactError(f"could not read the tuned lens in {path}: {exc}") from exc
         if not isinstance(config, dict) or config.get("lens_type") != "vsem_lens.TunedLens":
             raise ArtifactError(f"{path / CONFIG_FILE} does not describe a vsem-lens tuned lens.")
+        check_tensors(tensors, f"the tuned lens in {path}", digest=config.get("sha256"),
+                      remedy=" Retrain it with `vsem-lens lens train` (or restore the folder from a copy).")
         if config.get("fingerprint") != model.fingerprint:
             raise ArtifactError(
                 f"the tuned lens in {path} was trained for another model (fingerprint {config.get('fingerprint')} "
@@ -325,7 +328,7 @@ class TunedLens(Lens):
         training = config.get("training")
         cfg = TrainingConfig(**training) if isinstance(training, dict) else None
         standard = {"format_version", "lens_type", "frame", "formula", "fingerprint", "model_name", "prepend_bos",
-                    "num_hidden_layers", "num_translators", "d_model", "d_vocab", "training"}
+                    "num_hidden_layers", "num_translators", "d_model", "d_vocab", "training", "sha256"}
         meta = {k: v for k, v in config.items() if k not in standard}
         return cls(model, weight, bias, config=cfg, metadata=meta)
 

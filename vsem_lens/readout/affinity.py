@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.capture import iter_capture
-from ..core.errors import InputError
+from ..core.errors import InputError, check_layer_index
 from ..core.models import HookedModel
 from ..lenses.base import Lens
 from ..lenses.frames import resolve_frame
@@ -57,6 +57,8 @@ def vocab_affinity(
         >>> vocab_affinity(basis.project(h, layer=29), basis).shape  # doctest: +SKIP
         torch.Size([5, 49152])
     """
+    if not isinstance(h, Tensor):
+        raise InputError(f"h must be a tensor of hidden states [..., d_model], got {type(h).__name__}.")
     if h.shape[-1] != basis.d_model:
         raise InputError(f"h has width {h.shape[-1]} but the basis has d_model={basis.d_model}.")
     unit = basis.unit_vectors
@@ -79,7 +81,7 @@ def logit_lens(
         >>> logit_lens(acts.layer("resid_post", 20), model).argmax(-1)  # doctest: +SKIP
     """
     lens = resolve_frame(frame, model)
-    return model.unembed(lens(h, layer % model.n_layers))
+    return model.unembed(lens(h, check_layer_index(layer, model.n_layers)))
 
 
 def iter_layer_readouts(

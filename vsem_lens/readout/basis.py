@@ -33,13 +33,14 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core.errors import ArtifactError, NumericalError, VocabularyError
-from ..core.io import atomic_write
+from ..core.errors import ArtifactError, NumericalError, VocabularyError, check_int, check_int_list, check_layer_index
+from ..core.io import atomic_write, check_tensors, tensors_digest
 from ..core.models import HookedModel, cache_dir
 from ..lenses.base import Lens
 from ..lenses.frames import check_frame, resolve_frame
 
 FORMAT_VERSION = 1
+REBUILD_HINT = " Delete the folder (or recompute the basis with SemanticBasis.from_model)."
 
 
 def pinv_by_gram(
@@ -83,7 +84,9 @@ def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, 
     splits into several tokens triggers a warning: its basis is then that of its last piece only.
 
     Raises:
-        VocabularyError: an empty word, a word that maps to the unknown token, or an id >= ``d_vocab``.
+        VocabularyError: an empty word, a word that maps to the unknown token, a word whose last token
+            is a byte fragment of a character (byte-level tokenizers split emoji and rare characters),
+            or an id >= ``d_vocab``.
 
     Example:
         >>> word_token_ids(model.tokenizer, ["Paris"], model.d_vocab)  # doctest: +SKIP
@@ -100,6 +103,12 @@ def word_token_ids(tokenizer: Any, words: str | Sequence[str], d_vocab: int, *, 
         if not pieces or (unk is not None and pieces[-1] == unk):
             raise VocabularyError(
                 f"word {word!r} is not in the vocabulary (it maps to the unknown token); choose another word."
+            )
+        if "\ufffd" in tokenizer.decode([pieces[-1]]) and "\ufffd" not in word:
+            raise VocabularyError(
+                f"word {word!r} ends in a byte fragment: its last token is part of a character split over "
+                f"{len(pieces)} byte tokens, so its basis would be a stray byte's. Choose a word whose last "
+                "token is whole (most emoji and many CJK characters are not single tokens)."
             )
         if len(pieces) > 1 and warn:
             strings = [tokenizer.decode([p]) for p in pieces]
@@ -175,8 +184,8 @@ class SemanticBasis:
                 basis = cls.load(path, model=model)
                 basis.frame, basis._lens = frame, resolved
                 return basis
-            except ArtifactError:
-                pass  # a corrupt cache entry is rebuilt below
+            except ArtifactError as exc:
+                warnings.warn(f"rebuilding the cached semantic basis: {exc}", stacklevel=2)
         vectors = pinv_by_gram(model.W_U, compute_dtype=compute_dtype).to(model.dtype).to(model.device)
         basis = cls(vectors, frame=frame, fingerprint=model.fingerprint, model=model, lens=resolved)
         if cache:
@@ -225,7 +234,7 @@ class SemanticBasis:
             >>> basis.for_tokens([12, 13]).shape  # doctest: +SKIP
             torch.Size([2, 576])
         """
-        ids_t = torch.as_tensor([ids] if isinstance(ids, int) else ids, dtype=torch.long).reshape(-1)
+        ids_t = torch.tensor(check_int_list(ids, "token ids"), dtype=torch.long)
         bad = ids_t[(ids_t < 0) | (ids_t >= self.d_vocab)]
         if bad.numel():
             raise VocabularyError(
@@ -260,6 +269,7 @@ class SemanticBasis:
         Example:
             >>> basis.project(acts.layer("resid_post", 10), layer=10)  # doctest: +SKIP
         """
+        layer = check_layer_index(layer, self.model.n_layers) if self.model is not None else check_int(layer, "layer")
         return self.lens(h, layer)
 
     @property
@@ -310,13 +320,18 @@ class SemanticBasis:
             "method": "pinv(W_U) = U (U^T U)^-1 via a float64 Cholesky inverse (Gu et al., arXiv 2401.16184)",
         }
         vectors = {"vectors": self.vectors.detach().cpu().contiguous()}
+        meta["sha256"] = tensors_digest(vectors)
         atomic_write(path / "basis.safetensors", lambda tmp: save_file(vectors, str(tmp)))
         atomic_write(path / "basis.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: HookedModel | None = None) -> "SemanticBasis":
-        """Load a basis saved by :meth:`save`; checks it belongs to ``model`` when one is given.
+        """Load a basis saved by :meth:`save`; checks its content and that it belongs to ``model`` when given.
+
+        Raises:
+            ArtifactError: unreadable files, non-finite values, content that no longer matches the digest
+                written at save time, a shape that does not fit the metadata or ``model``, another model's basis.
 
         Example:
             >>> SemanticBasis.load("my_basis", model=model)  # doctest: +SKIP
@@ -324,12 +339,19 @@ class SemanticBasis:
         path = Path(path)
         try:
             meta = json.loads((path / "basis.json").read_text())
-            vectors = load_file(str(path / "basis.safetensors"))["vectors"]
+            tensors = load_file(str(path / "basis.safetensors"))
+            vectors = tensors["vectors"]
         except Exception as exc:  # safetensors raises its own error type on corrupt files
             raise ArtifactError(f"could not read a semantic basis from {path}: {exc}") from exc
+        check_tensors(tensors, f"the semantic basis in {path}", digest=meta.get("sha256"), remedy=REBUILD_HINT)
         if tuple(vectors.shape) != (meta.get("d_vocab"), meta.get("d_model")):
             raise ArtifactError(f"the basis in {path} is corrupt (shape {tuple(vectors.shape)} vs metadata).")
         if model is not None:
+            if tuple(vectors.shape) != (model.d_vocab, model.d_model):
+                raise ArtifactError(
+                    f"the basis in {path} has shape {tuple(vectors.shape)}, not ({model.d_vocab}, {model.d_model}) "
+                    "as this model needs; recompute it with SemanticBasis.from_model."
+                )
             if meta.get("fingerprint") and meta["fingerprint"] != model.fingerprint:
                 raise ArtifactError(
                     f"the basis in {path} was computed for another model (fingerprint "

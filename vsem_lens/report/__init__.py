@@ -4,11 +4,13 @@ checkpoints, the result record, its text and figures, and the self-contained HTM
 
 from .build import build_report
 from .plan import CorpusPlan, plan_corpus
-from .record import Report
+from .record import Report, ReportWriteError, check_report_destination
 
 __all__ = [
     "CorpusPlan",
     "Report",
+    "ReportWriteError",
+    "check_report_destination",
     "build_report",
     "plan_corpus",
 ]

@@ -159,7 +159,8 @@ def build_report(
         checkpoint_dir: folder for resumable runs. The streaming state is written (atomically) to
             ``<checkpoint_dir>/<key>/rank<r>-of-<w>.pt``, where the key hashes the model weights, the
             corpus and every parameter; a run started again with the same arguments resumes from it
-            and gives the numbers of an uninterrupted run. Removed when the report is built.
+            and gives the numbers of an uninterrupted run. Removed once the report is saved
+            (:meth:`Report.save`), so a failed write can still be resumed.
         checkpoint_every: write the checkpoint every this many batches (of this rank); default 50
             when ``checkpoint_dir`` is given. The state is also written at the end of the pass.
         on_batch: called as ``on_batch(batches_done, batches_total)`` (this rank's counts) after each
@@ -235,8 +236,8 @@ def build_report(
                "sharding": "batch b of the length-sorted plan -> rank b % world_size", "per_rank": ranks},
         started=started,
     )
-    if checkpoint is not None:
-        checkpoint.remove(env)
+    if checkpoint is not None:  # deleted only once the report is safely written (Report.save)
+        report.on_saved = lambda: checkpoint.remove(env)
     return report
 
 

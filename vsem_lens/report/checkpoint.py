@@ -24,13 +24,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core.io import atomic_write, texts_digest
+from ..core.io import atomic_write, state_digest, texts_digest
 from ..core.models import HookedModel
 from ..core.stats import Stat
 from .record import _jsonable
 
 #: 3: one ``stats`` mapping of ``Stat.state_dict()`` per named statistic (2: fixed keys per statistic).
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4  # 4: a content digest of the stats
 
 
 def weights_digest(model: HookedModel) -> str:
@@ -99,6 +99,9 @@ class Checkpoint:
             return None
         if not isinstance(state, dict) or state.get("key") != self.key or state.get("format") != CHECKPOINT_FORMAT:
             return None
+        if state.get("sha256") != state_digest(state.get("stats")):
+            warnings.warn(f"ignoring damaged checkpoint {self.path} (its content does not match its digest); starting over.")
+            return None
         return state
 
     def restore(self, stats: Mapping[str, Stat]) -> int:
@@ -120,11 +123,13 @@ class Checkpoint:
         Example:
             >>> ckpt.save(50, {"isotropy": iso, "lens": agg})   # doctest: +SKIP
         """
+        states = {name: stat.state_dict() for name, stat in stats.items()}
         payload = {
             "format": CHECKPOINT_FORMAT,
             "key": self.key,
             "batches_done": int(batches_done),
-            "stats": {name: stat.state_dict() for name, stat in stats.items()},
+            "stats": states,
+            "sha256": state_digest(states),
         }
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
 

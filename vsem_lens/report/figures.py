@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .plots import ISOTROPY_MEASURES
+from .tokens import display_token
 
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 READOUT_STYLE = {
@@ -31,30 +32,6 @@ READOUT_STYLE = {
 MEASURE_COLORS = {"isoscore": "#1f77b4", "isoscore_star": "#17becf", "average_cosine": "#d62728",
                   "outlier_variance_share": "#7f7f7f"}
 MEASURE_STYLE = {measure: (ISOTROPY_MEASURES[measure], color) for measure, color in MEASURE_COLORS.items()}
-
-
-def display_token(token: str, max_chars: int | None = None) -> str:
-    """A token string made visible and safe for plotly text: whitespace marked, HTML escaped.
-
-    Newlines become ``↵``, tabs ``→``, a whitespace-only token ``␣`` per space; strings longer than
-    ``max_chars`` are cut with ``…``.
-
-    Example:
-        >>> display_token(" Paris")
-        ' Paris'
-        >>> display_token("  ")
-        '␣␣'
-        >>> display_token("<script>", max_chars=4)
-        '&lt;sc…'
-    """
-    text = token.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵").replace("\t", "→")
-    if not text:
-        text = "∅"
-    elif not text.strip():
-        text = "␣" * len(text)
-    if max_chars is not None and len(text) > max_chars:
-        text = text[: max(1, max_chars - 1)] + "…"
-    return html.escape(text, quote=False)
 
 
 def style(fig: go.Figure, *, height: int | None = None, width: int | None = None) -> go.Figure:

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.errors import InputError
+from .tokens import quoted_token
 
 ISOTROPY_MEASURES = {
     "isoscore": "IsoScore",
@@ -314,7 +315,7 @@ def plot_leverage(coherence: Any, *, max_points: int = 2000) -> go.Figure:
             y=thin["leverage"],
             mode="lines",
             name="all tokens (sorted)",
-            customdata=np.stack([thin["token"].map(repr), thin["token_id"]], axis=1),
+            customdata=np.stack([thin["token"].map(quoted_token), thin["token_id"]], axis=1),
             hovertemplate="rank %{x}<br>token %{customdata[0]} (id %{customdata[1]})<br>leverage %{y:.4g}<extra></extra>",
         )
     )
@@ -329,7 +330,7 @@ def plot_leverage(coherence: Any, *, max_points: int = 2000) -> go.Figure:
                     mode="markers",
                     marker={"symbol": symbol, "size": 8},
                     name=f"{end}est leverage",
-                    customdata=np.stack([sub["token"].map(repr), sub["token_id"]], axis=1),
+                    customdata=np.stack([sub["token"].map(quoted_token), sub["token_id"]], axis=1),
                     hovertemplate="%{customdata[0]} (id %{customdata[1]})<br>leverage %{y:.4g}<extra></extra>",
                 )
             )

@@ -16,19 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from ..core.errors import InputError
-from ..core.io import rename_exchange
+from ..core.errors import InputError, VsemLensError
+from ..core.io import check_writable, remove_stale_temp_dirs, rename_exchange, temp_dir_name
 from .figures import plot_timings
 from .html import render_page
 from .timing import peak_rss_mib, timings_table
@@ -72,6 +70,9 @@ class Report:
     figures: dict[str, Any]
     summary: dict[str, Any]
     sections: list[Section] = field(default_factory=list)
+    #: Called once the report is safely on disk (``build_report`` deletes its checkpoint there, so a
+    #: failed save leaves the streaming state for a resumed run).
+    on_saved: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def to_html(self) -> str:
         """The whole report as one self-contained HTML page (plotly.js inlined, no external URL).
@@ -112,16 +113,29 @@ class Report:
             The absolute path of the report directory.
 
         Raises:
-            InputError: ``out_dir`` exists but is a file or a directory that is not a report.
+            InputError: ``out_dir`` exists but is a file or a directory that is not a report, or it
+                cannot be written (see :func:`check_report_destination`).
+            ReportWriteError: writing failed midway (disk full, ...); an earlier report is untouched
+                and a checkpointed run keeps its checkpoint, so the same command resumes.
 
         Example:
             >>> report.save("vsem-report")    # doctest: +SKIP
         """
-        out = Path(out_dir).expanduser().absolute()
-        _check_replaceable(out)
+        out = check_report_destination(out_dir)
+        try:
+            self._save(out)
+        except OSError as exc:
+            kept = " The run's checkpoint is kept: fix the cause and rerun the same command to resume." if self.on_saved else ""
+            raise ReportWriteError(f"could not write the report to {out}: {exc}.{kept}") from exc
+        if self.on_saved is not None:
+            self.on_saved()
+            self.on_saved = None
+        return out
+
+    def _save(self, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        remove_stale_temp_dirs(out.parent, out.name)  # left by killed runs
+        tmp = out.parent / temp_dir_name(out.name)
         tmp.mkdir()
         try:
             self._write_into(tmp)
@@ -129,7 +143,6 @@ class Report:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return out
 
     def _write_into(self, directory: Path) -> None:
         summary = dict(self.summary)
@@ -175,6 +188,29 @@ def _is_report_dir(path: Path) -> bool:
     return isinstance(summary, dict) and summary.get("generator") == GENERATOR
 
 
+class ReportWriteError(VsemLensError):
+    """The report could not be written (disk full, permissions changed midway, ...)."""
+
+
+def check_report_destination(out_dir: str | os.PathLike) -> Path:
+    """The absolute report folder for ``out_dir``, checked before any work is done.
+
+    ``vsem-lens report`` calls this before loading the model, so a bad ``--out`` fails in a second,
+    not after the whole streaming pass.
+
+    Raises:
+        InputError: ``out_dir`` is a file, a non-empty folder that is not a vsem-lens report, or not
+            writable (the folder, or its nearest existing parent, denies writing).
+
+    Example:
+        >>> check_report_destination("vsem-report")            # doctest: +SKIP
+        PosixPath('/home/me/vsem-report')
+    """
+    out = Path(out_dir).expanduser().absolute()
+    _check_replaceable(out)
+    return check_writable(out, kind="dir")
+
+
 def _check_replaceable(out: Path) -> None:
     if not out.exists():
         return
@@ -187,24 +223,6 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Remove temporary report directories left by killed runs (their process no longer exists)."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}$")
-    for sibling in out.parent.iterdir():
-        match = pattern.match(sibling.name)
-        if not match or not sibling.is_dir():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(sibling, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Move the finished report ``tmp`` to ``out``, replacing an earlier report only at the last moment."""
     if not out.exists():
@@ -214,7 +232,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier report
         return
     # Fallback (non-Linux): two renames; the earlier report survives as a hidden sibling until the end.
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = out.parent / temp_dir_name(out.name)
     os.rename(out, old)
     try:
         os.rename(tmp, out)
