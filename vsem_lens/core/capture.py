@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .attention import check_attention, sdpa_attention, supports_sdpa
 from .errors import InputError, NumericalError, check_layer_index, check_positive_int
-from .memory import capture_memory, describe, free_memory, is_out_of_memory, out_of_memory_error
+from .memory import ADVICE, capture_memory, describe, free_memory, is_out_of_memory, out_of_memory_error
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -217,8 +217,7 @@ class _Forward:
         if free is not None and need["total"] > free and not self.warned:
             self.warned = True
             warnings.warn(
-                f"capturing {what} needs {describe(need, self.attention)} but {free / 2**30:.1f} GiB are free; "
-                "lower the batch size (--batch-size, batch_size=) or the text length (--max-length, max_length=).",
+                f"capturing {what} needs {describe(need, self.attention)} but {free / 2**30:.1f} GiB are free; {ADVICE}.",
                 stacklevel=4,
             )
         bridge, device = self.model.bridge, self.model.device

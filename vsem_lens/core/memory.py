@@ -12,13 +12,14 @@ attention      eager: ``3 x n_texts x n_heads x width^2`` float32 (scores, maske
 logits         with ``keep_logits``: ``n_texts x width x d_vocab``
 ============== ============================================================================
 
-(elements of the model's dtype unless stated). On SmolLM2 one 8,192-token text needs ~7.6 GiB with
-eager attention (measured peak 7.5 GB) and ~0.7 GiB with SDPA.
+(elements of the model's dtype unless stated). On SmolLM2 (one text, all 30 layers' ``resid_post``)
+it gives 0.87 GiB with SDPA at 8,192 tokens (measured peak growth 896 MiB) and 2.2 GiB with eager
+attention at 4,096 tokens (measured 2,042 MiB; ``benchmarks/bench_long_input.py``).
 
 Example:
     >>> need = capture_memory(model, 4, 8192, n_tokens=32768, n_buffers=30, attention="eager")  # doctest: +SKIP
     >>> round(need["attention"] / 2**30, 1)                                                      # doctest: +SKIP
-    9.3
+    28.0
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_error(
     exc: BaseException, what: str, need: dict[str, int], attention: str, hint: str = ""
 ) -> MemoryLimitError:
-    """The :class:`MemoryLimitError` that replaces an allocation failure during ``what``.
+    """The :class:`MemoryLimitError` that replaces an allocation failure during ``what`` (``hint``: one
+    more piece of advice, appended).
 
     Example:
         >>> err = out_of_memory_error(MemoryError(), "texts 0..3 (4 x 9,000 tokens)",
