@@ -61,7 +61,8 @@ def measure(side: str, n_tokens: int, threads: int) -> dict:
         def run():
             with torch.no_grad():
                 out = hf.model(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-            return tuple(torch.stack(out.hidden_states[1:]).shape)
+            hidden = out.hidden_states[1:]  # kept as HF returns them (no stacking copy)
+            return (len(hidden), *hidden[0].shape[1:])
 
     warm = ids[:, :16]  # touch every weight page once (safetensors are memory-mapped) before measuring
     with torch.no_grad():
