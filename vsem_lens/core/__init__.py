@@ -6,7 +6,16 @@ Nothing in ``core`` imports from another vsem-lens subpackage (see docs/architec
 
 from .capture import ActivationBatch, Activations, capture, iter_capture
 from .corpus import load_corpus
-from .errors import ArtifactError, DataError, InputError, ModelLoadError, NumericalError, VocabularyError, VsemLensError
+from .errors import (
+    ArtifactError,
+    DataError,
+    InputError,
+    MemoryLimitError,
+    ModelLoadError,
+    NumericalError,
+    VocabularyError,
+    VsemLensError,
+)
 from .loading import load_model
 from .logits import Unembedding, final_distribution
 from .models import HookedModel
@@ -20,6 +29,7 @@ __all__ = [
     "DataError",
     "HookedModel",
     "InputError",
+    "MemoryLimitError",
     "ModelLoadError",
     "Moments",
     "NumericalError",

@@ -16,6 +16,15 @@ mlp_out    ``blocks.{l}.hook_mlp_out``          block l's MLP output
 Only the requested hooks are attached, and each hook keeps only the non-padding tokens, so memory
 is ``layers x real tokens x d_model`` per batch and nothing else.
 
+Long inputs. Attention runs through PyTorch's SDPA kernel (see :mod:`vsem_lens.core.attention`), so
+a forward pass never forms the [batch, head, token, token] score matrices the bridge's eager
+attention builds (7.5 GB for one 8,192-token text on SmolLM2). A text longer than the model's context
+is an error unless ``max_length`` is given; with ``max_length`` texts are cut to it and one warning
+says how many texts and tokens were dropped. Before each batch the memory it needs is estimated
+(:func:`~vsem_lens.core.memory.capture_memory`) and a warning names ``--batch-size``/``--max-length``
+when it exceeds the free memory; an allocation failure during the forward pass becomes a
+:class:`~vsem_lens.core.errors.MemoryLimitError` with the same advice.
+
 Example:
     >>> acts = capture(model, ["The capital of France is"], layers=[0, 29])  # doctest: +SKIP
     >>> acts["resid_post"].shape                                           # doctest: +SKIP
@@ -24,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -33,7 +43,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .attention import check_attention, sdpa_attention, supports_sdpa
 from .errors import InputError, NumericalError, check_int_list, check_layer_index, check_positive_int
+from .memory import ADVICE, capture_memory, describe, free_memory, is_out_of_memory, out_of_memory_error
 from .models import HookedModel, Tokens, check_texts
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -176,6 +188,73 @@ class _StopForward(Exception):
     """Raised by the last capture hook to end a forward pass early (the hooks context still removes the hooks)."""
 
 
+@dataclass
+class _Truncation:
+    """Texts and tokens cut to ``max_length`` so far in one capture call."""
+
+    limit: int
+    texts: int = 0
+    tokens: int = 0
+
+    def notice(self, n_texts: int) -> str:
+        return (
+            f"{self.texts} of {n_texts} texts were longer than max_length={self.limit} tokens and were cut to it: "
+            f"{self.tokens:,} tokens dropped."
+        )
+
+
+def _tokenize(model: HookedModel, texts: list[str], truncation: _Truncation | None) -> Tokens:
+    """Tokenise a batch; with ``max_length`` (``truncation``) cut and count the over-long texts."""
+    if truncation is None:
+        return model.tokenize(texts)  # a text longer than the context is an error there
+    # No limit while tokenising (max_length far above any text), so the dropped tokens can be counted.
+    rows = model.token_ids(texts, max_length=2**62)
+    for row in rows:
+        if len(row) > truncation.limit:
+            truncation.texts += 1
+            truncation.tokens += len(row) - truncation.limit
+    return model.pad([row[: truncation.limit] for row in rows])
+
+
+class _Forward:
+    """One batch's forward pass: SDPA unless eager is asked for, a memory estimate before it, and an
+    out-of-memory error that says what to lower.
+    """
+
+    def __init__(self, model: HookedModel, attention: str, n_buffers: int, keep_logits: bool):
+        self.model, self.n_buffers, self.keep_logits = model, n_buffers, keep_logits
+        self.sdpa = attention == "sdpa" and supports_sdpa(model)
+        self.attention = "sdpa" if self.sdpa else "eager"
+        # Only a user who chose eager can be told to switch; other architectures have no SDPA kernel.
+        self.hint = "attention='sdpa' avoids the eager score matrices" if attention == "eager" and supports_sdpa(model) else ""
+        self.warned = False
+
+    def __call__(self, tokens: Tokens, fwd_hooks: list, first: int) -> Tensor | None:
+        n_texts, width = tokens.ids.shape
+        need = capture_memory(
+            self.model, n_texts, width, n_tokens=int(tokens.mask.sum()), n_buffers=self.n_buffers,
+            attention=self.attention, keep_logits=self.keep_logits,
+        )
+        what = f"texts {first}..{first + n_texts - 1} ({n_texts} x {width:,} tokens)"
+        free = free_memory(self.model.device)
+        if free is not None and need["total"] > free and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"capturing {what} needs {describe(need, self.attention)} but {free / 2**30:.1f} GiB are free; {ADVICE}.",
+                stacklevel=4,
+            )
+        bridge, device = self.model.bridge, self.model.device
+        try:
+            with torch.no_grad(), sdpa_attention(self.model, self.sdpa), bridge.hooks(fwd_hooks=fwd_hooks):
+                return bridge(tokens.ids.to(device), attention_mask=tokens.mask.to(device))
+        except _StopForward:
+            return None
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory_error(exc, what, need, self.attention, self.hint) from exc
+            raise
+
+
 def iter_capture(
     model: HookedModel,
     texts: str | Sequence[str] | Tokens,
@@ -187,6 +266,7 @@ def iter_capture(
     keep_logits: bool = False,
     check_finite: bool = True,
     progress: bool = False,
+    attention: str = "sdpa",
 ) -> Iterator[ActivationBatch]:
     """Stream activations batch by batch (for corpora that do not fit in memory).
 
@@ -196,98 +276,115 @@ def iter_capture(
         sites: which activations (see module docstring).
         layers: layer indices (``None`` = all). ``embed`` ignores it.
         batch_size: texts per forward pass.
-        max_length: truncate texts to this many tokens (otherwise over-long texts are an error).
+        max_length: cut texts to this many tokens, with one warning giving the number of texts and
+            tokens dropped. Without it a text longer than the model's context is an error (nothing is
+            cut silently).
         keep_logits: also return the model's output logits at each real token ([token, d_vocab]).
             Without it the forward pass stops as soon as every requested hook has fired (the blocks
             after the last captured layer and the full-vocabulary unembedding are never run).
         check_finite: raise :class:`NumericalError` on NaN/inf activations.
         progress: show a tqdm bar over batches.
+        attention: ``"sdpa"`` (default): memory-efficient attention (PyTorch's SDPA kernel through the
+            HF attention module; no [token, token] matrix) wherever the architecture has it, else
+            eager; ``"eager"``: the bridge's own step-by-step attention (hooks on attention patterns
+            fire). The captured sites are the same either way (to ~1e-6).
 
     Yields:
         one :class:`ActivationBatch` per batch of texts.
+
+    Raises:
+        MemoryLimitError: a batch ran out of memory (the message names ``--batch-size``/``--max-length``).
 
     Example:
         >>> for batch in iter_capture(model, corpus, layers=[10]):  # doctest: +SKIP
         ...     stats.update(batch.acts["resid_post"][0])
     """
-    # One generator on purpose (~75 lines of code): the hooks write into per-batch buffers that the
-    # forward, the early stop and the batch assembly below share.
+    # One generator on purpose: the hooks write into per-batch buffers that the forward, the early
+    # stop and the batch assembly below share.
     pretokenized = texts if isinstance(texts, Tokens) else None
     n_texts = pretokenized.ids.shape[0] if pretokenized is not None else len(texts := check_texts(texts))
     sites = check_sites(sites)
     layer_list = check_layers(layers, model.n_layers)
     batch_size = check_positive_int(batch_size, "batch_size")
+    truncation = _Truncation(check_positive_int(max_length, "max_length")) if max_length is not None else None
     hooks = {site: [hook_name(site, layer) for layer in ([0] if site == "embed" else layer_list)] for site in sites}
-    starts = range(0, n_texts, batch_size)
-    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-        if pretokenized is not None:
-            tokens = Tokens(pretokenized.ids[start : start + batch_size], pretokenized.mask[start : start + batch_size])
-        else:
-            tokens = model.tokenize(texts[start : start + batch_size], max_length=max_length)
-        n_batch = tokens.ids.shape[0]
-        keep = tokens.mask.bool()
-        rows_cols = keep.nonzero(as_tuple=True)
-        flat_index = keep.reshape(-1).nonzero().squeeze(1).to(model.device)
-        # Each hook copies its real tokens straight into one preallocated [layer, token, d] buffer
-        # per site (no padding kept, no later stacking copy).
-        acts = {
-            site: torch.empty(len(names), flat_index.numel(), model.d_model, dtype=model.dtype, device=model.device)
-            for site, names in hooks.items()
-        }
+    forward = _Forward(model, check_attention(attention), sum(map(len, hooks.values())), keep_logits)
+    try:
+        for start in tqdm(range(0, n_texts, batch_size), desc="capture", unit="batch", disable=not progress):
+            if pretokenized is not None:
+                tokens = Tokens(pretokenized.ids[start : start + batch_size], pretokenized.mask[start : start + batch_size])
+            else:
+                tokens = _tokenize(model, texts[start : start + batch_size], truncation)
+            yield _capture_batch(model, tokens, start, hooks, layer_list, forward, keep_logits, check_finite)
+    finally:
+        if truncation is not None and truncation.texts:
+            warnings.warn(truncation.notice(n_texts), stacklevel=2)
 
-        index_on = {flat_index.device: flat_index}
-        filled: set[tuple[str, int]] = set()
 
-        def make_hook(site: str, slot: int):
-            def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
-                flat = tensor.detach().reshape(-1, tensor.shape[-1])
-                out = acts[site][slot]
-                if flat.device == out.device:
-                    torch.index_select(flat, 0, flat_index, out=out)
-                else:  # a layer on another GPU (device_map): select there, then one copy to the buffers' device
-                    if flat.device not in index_on:
-                        index_on[flat.device] = flat_index.to(flat.device)
-                    out.copy_(torch.index_select(flat, 0, index_on[flat.device]))
-                filled.add((site, slot))
-                if not keep_logits and len(filled) == n_hooks:
-                    raise _StopForward  # every buffer is full: skip the remaining blocks and the unembedding
-                return tensor
+def _capture_batch(
+    model: HookedModel, tokens: Tokens, start: int, hooks: dict[str, list[str]], layer_list: list[int],
+    forward: _Forward, keep_logits: bool, check_finite: bool,
+) -> ActivationBatch:
+    """Run one batch with the capture hooks and assemble its :class:`ActivationBatch`."""
+    n_batch = tokens.ids.shape[0]
+    keep = tokens.mask.bool()
+    rows_cols = keep.nonzero(as_tuple=True)
+    flat_index = keep.reshape(-1).nonzero().squeeze(1).to(model.device)
+    # Each hook copies its real tokens straight into one preallocated [layer, token, d] buffer
+    # per site (no padding kept, no later stacking copy).
+    acts = {
+        site: torch.empty(len(names), flat_index.numel(), model.d_model, dtype=model.dtype, device=model.device)
+        for site, names in hooks.items()
+    }
 
-            return save
+    index_on = {flat_index.device: flat_index}
+    filled: set[tuple[str, int]] = set()
 
-        fwd_hooks = [(name, make_hook(site, slot)) for site, names in hooks.items() for slot, name in enumerate(names)]
-        n_hooks = len(fwd_hooks)
-        logits = None
-        try:
-            with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
-                logits = model.bridge(tokens.ids.to(model.device), attention_mask=tokens.mask.to(model.device))
-        except _StopForward:
-            pass
-        if len(filled) < n_hooks:
-            missing = sorted({hooks[site][slot] for site, names in hooks.items() for slot in range(len(names))
-                              if (site, slot) not in filled})
-            raise NumericalError(
-                f"the hooks {', '.join(missing[:4])} did not fire; this model's hook names are not TransformerLens's."
-            )
-        if check_finite:
-            entry = first_non_finite(acts, layer_list)
-            if entry is not None:
-                layer, site = entry
-                raise NumericalError(
-                    f"the model produced NaN/inf activations for texts {start}..{start + n_batch - 1}; the first "
-                    f"captured place they appear (in forward order) is layer {layer}, site {site!r}. Check the "
-                    "weights and dtype (float16 overflows are common: try dtype=torch.float32)."
-                )
-        rows, cols = rows_cols
-        yield ActivationBatch(
-            acts=acts,
-            layers=layer_list,
-            tokens=tokens,
-            doc_index=rows + start,
-            positions=cols,
-            token_ids=tokens.ids[rows, cols],
-            logits=logits[keep.to(logits.device)] if keep_logits else None,
+    def make_hook(site: str, slot: int):
+        def save(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
+            flat = tensor.detach().reshape(-1, tensor.shape[-1])
+            out = acts[site][slot]
+            if flat.device == out.device:
+                torch.index_select(flat, 0, flat_index, out=out)
+            else:  # a layer on another GPU (device_map): select there, then one copy to the buffers' device
+                if flat.device not in index_on:
+                    index_on[flat.device] = flat_index.to(flat.device)
+                out.copy_(torch.index_select(flat, 0, index_on[flat.device]))
+            filled.add((site, slot))
+            if not keep_logits and len(filled) == n_hooks:
+                raise _StopForward  # every buffer is full: skip the remaining blocks and the unembedding
+            return tensor
+
+        return save
+
+    fwd_hooks = [(name, make_hook(site, slot)) for site, names in hooks.items() for slot, name in enumerate(names)]
+    n_hooks = len(fwd_hooks)
+    logits = forward(tokens, fwd_hooks, start)
+    if len(filled) < n_hooks:
+        missing = sorted({hooks[site][slot] for site, names in hooks.items() for slot in range(len(names))
+                          if (site, slot) not in filled})
+        raise NumericalError(
+            f"the hooks {', '.join(missing[:4])} did not fire; this model's hook names are not TransformerLens's."
         )
+    if check_finite:
+        entry = first_non_finite(acts, layer_list)
+        if entry is not None:
+            layer, site = entry
+            raise NumericalError(
+                f"the model produced NaN/inf activations for texts {start}..{start + n_batch - 1}; the first "
+                f"captured place they appear (in forward order) is layer {layer}, site {site!r}. Check the "
+                "weights and dtype (float16 overflows are common: try dtype=torch.float32)."
+            )
+    rows, cols = rows_cols
+    return ActivationBatch(
+        acts=acts,
+        layers=layer_list,
+        tokens=tokens,
+        doc_index=rows + start,
+        positions=cols,
+        token_ids=tokens.ids[rows, cols],
+        logits=logits[keep.to(logits.device)] if keep_logits else None,
+    )
 
 
 def capture(
@@ -299,12 +396,13 @@ def capture(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: bool = False,
+    attention: str = "sdpa",
 ) -> Activations:
     """Capture activations of a (small) corpus into memory.
 
     Returns per site a tensor [layer, token, d_model] over the corpus's real tokens (no padding)
     and a token table (doc, position, token_id, token). For corpora that do not fit in memory use
-    :func:`iter_capture`.
+    :func:`iter_capture` (which documents every argument).
 
     Example:
         >>> acts = capture(model, ["Hello world", "Hi"], sites=("resid_post", "mlp_out"))  # doctest: +SKIP
@@ -315,7 +413,8 @@ def capture(
     docs, positions, ids = [], [], []
     layer_list: list[int] = []
     for batch in iter_capture(
-        model, texts, sites=sites, layers=layers, batch_size=batch_size, max_length=max_length, progress=progress
+        model, texts, sites=sites, layers=layers, batch_size=batch_size, max_length=max_length, progress=progress,
+        attention=attention,
     ):
         layer_list = batch.layers
         for site, tensor in batch.acts.items():

@@ -85,6 +85,16 @@ class ArtifactError(VsemLensError):
     """
 
 
+class MemoryLimitError(VsemLensError, MemoryError):
+    """A batch did not fit in memory; the message gives the estimate and the options to lower it
+    (``--batch-size``, ``--max-length``).
+
+    Example:
+        >>> issubclass(MemoryLimitError, MemoryError)
+        True
+    """
+
+
 def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     """``value`` as an ``int`` if it is an integer (Python or NumPy, not ``bool``) of at least ``minimum``,
     else :class:`InputError` naming ``name``.

@@ -191,6 +191,10 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
         config.architectures = [type(hf_model).__name__]
     hf_model.eval()
     config_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or name
+    # Attention implementation: boot_transformers switches hf_model to eager attention in place (its
+    # hook_pattern/hook_attn_scores need the score matrices) and most adapters recompute attention
+    # step by step. That stays the model's default; captures, which read no pattern, run SDPA per
+    # call instead (core.attention.sdpa_attention), so nothing is chosen here.
     try:
         bridge = TransformerBridge.boot_transformers(
             config_name, hf_model=hf_model, tokenizer=tokenizer, device=None if dispatched else device, dtype=dtype,

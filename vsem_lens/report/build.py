@@ -410,6 +410,7 @@ def _summary(
             "texts_given": plan.n_available,
             "texts_used": len(plan.texts),
             "texts_truncated_to_context": plan.n_truncated,
+            "tokens_dropped_to_context": plan.n_dropped,
             "first_text_cut_to_budget": plan.cut_first,
             "corpus_tokens": plan.n_tokens,
             "lens_tokens": int(plan.lens_mask.sum()),

@@ -165,6 +165,7 @@ def _run_card(summary: dict[str, Any]) -> str:
                 ("tokens for quantiles", tok.get("quantile_tokens")),
                 ("example tokens", tok.get("example_tokens")),
                 ("texts cut to the context", tok.get("texts_truncated_to_context")),
+                ("tokens dropped by those cuts", tok.get("tokens_dropped_to_context")),
                 ("mean entropy of predictions", f"{tok.get('mean_final_entropy_bits', float('nan')):.2f} bits"),
             ],
         ),

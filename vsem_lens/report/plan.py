@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,8 @@ class CorpusPlan:
     rows: list[list[int]]  # token ids per used text, corpus order
     texts: list[str]  # the used texts (corpus order)
     n_available: int  # texts given
-    n_truncated: int  # texts cut to the model's context
+    n_truncated: int  # used texts cut to the model's context
+    n_dropped: int  # tokens those cuts dropped
     cut_first: bool  # the first text alone exceeded max_tokens and was cut to it
     offsets: list[int]  # global index of each text's first token
     batches: list[list[int]]  # text indices per batch (length-sorted)
@@ -58,15 +60,19 @@ def plan_corpus(
     The sample is uniform without replacement over the token positions, from
     ``torch.Generator().manual_seed(seed)``, so it does not depend on ``batch_size``.
 
+    Texts longer than the model's context are cut to it (the report reads every text it uses); when
+    any used text is cut, a warning (on stderr under ``vsem-lens report``) says how many texts and
+    tokens were dropped, and the plan records both (``n_truncated``, ``n_dropped``).
+
     Example:
         >>> plan = plan_corpus(model, texts, max_tokens=8192, lens_tokens=512, batch_size=8, seed=0)  # doctest: +SKIP
         >>> plan.n_tokens, int(plan.lens_mask.sum())                                                  # doctest: +SKIP
         (8190, 512)
     """
     n_ctx = model.n_ctx
-    # Tokenise one token past the context to detect (and count) texts cut to the context.
-    rows = model.token_ids(texts, max_length=n_ctx + 1)
-    n_truncated = sum(len(r) > n_ctx for r in rows)
+    # Tokenise without a limit (max_length far above any text) so the tokens cut off can be counted.
+    rows = model.token_ids(texts, max_length=2**62)
+    full_lengths = [len(r) for r in rows]
     rows = [r[:n_ctx] for r in rows]
     used, total, cut_first = [], 0, False
     for i, row in enumerate(rows):
@@ -80,6 +86,10 @@ def plan_corpus(
         used.append(i)
         total += len(row)
     kept_rows = [rows[i] for i in used]
+    n_truncated = sum(full_lengths[i] > n_ctx for i in used)
+    n_dropped = sum(max(0, full_lengths[i] - n_ctx) for i in used)
+    if n_truncated:
+        warnings.warn(truncation_notice(n_truncated, len(used), n_dropped, n_ctx), stacklevel=2)
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in kept_rows])[:-1]]).astype(int).tolist()
     n_tokens = total
     order = sorted(range(len(kept_rows)), key=lambda i: (len(kept_rows[i]), i))
@@ -96,9 +106,23 @@ def plan_corpus(
         texts=[texts[i] for i in used],
         n_available=len(texts),
         n_truncated=n_truncated,
+        n_dropped=n_dropped,
         cut_first=cut_first,
         offsets=offsets,
         batches=batches,
         lens_mask=lens_mask,
         keep_mask=keep_mask,
+    )
+
+
+def truncation_notice(n_cut: int, n_texts: int, n_dropped: int, n_ctx: int) -> str:
+    """The report's notice about texts cut to the model's context.
+
+    Example:
+        >>> truncation_notice(2, 10, 1500, 8192)
+        "2 of 10 texts are longer than the model's context of 8,192 tokens and were cut to it: 1,500 tokens dropped."
+    """
+    return (
+        f"{n_cut} of {n_texts} texts are longer than the model's context of {n_ctx:,} tokens and were cut to it: "
+        f"{n_dropped:,} tokens dropped."
     )
