@@ -62,7 +62,10 @@ def load_model(
         device: torch device for the weights.
         dtype: weight dtype (statistics are accumulated in float64 regardless).
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
-            by default texts are tokenised exactly as the HF tokenizer does.
+            by default texts are tokenised exactly as the HF tokenizer does. This is the model's BOS
+            rule: every analysis (minimal pairs and task spaces included) follows it unless a call
+            overrides it. A tokenizer without a BOS token cannot have ``prepend_bos=True``
+            (:class:`~vsem_lens.core.errors.InputError`). SmolLM2's BOS is the chat token ``<|im_start|>``.
         trust_remote_code: passed to HF; off unless you ask for it.
         **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (``n_ctx``, ...). The
             placement options of big models, ``device_map`` (``"auto"``, ``"balanced"``, a dict),
@@ -129,6 +132,7 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     if tokenizer is None:
         raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
     tokenizer = _reloadable_tokenizer(tokenizer)
+    bos_token_id = tokenizer.bos_token_id  # before the bridge installs EOS as a stand-in BOS
     check_causal_lm(hf_model, name)
     config = hf_model.config
     if not getattr(config, "architectures", None):
@@ -147,7 +151,7 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
             "its architecture is supported by transformer-lens 4.x."
         ) from exc
     bridge.eval()
-    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
+    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos, bos_token_id=bos_token_id)
 
 
 SUPPORTED_MODELS = (
