@@ -35,6 +35,8 @@ def _p(value) -> str:
     """A p-value: three decimals, or scientific notation below 0.001."""
     if value is None or np.isnan(value):
         return "n/a"
+    if value == 0:
+        return "< 1e-15"  # below double precision of the normal approximation
     return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
 
 
@@ -301,13 +303,13 @@ def _settings(folder: Path) -> str:
              f"is `{rule.get('bos_token')}`, id {rule.get('bos_token_id')})"]
     seconds = meta.get("seconds", {})
     for key, value in meta.items():
-        if key.startswith("args["):
+        if key.startswith("args[") and key != "args[none]":  # "none": statistics only, no model stage
             stage = key[5:-1]
             args = ", ".join(f"{k}={v}" for k, v in value.items() if k != "stages")
             times = ", ".join(f"{s} {seconds[s]} s" for s in stage.split(",") if s in seconds)
             lines.append(f"- stage `{stage}`: {args}; wall time {times or 'not recorded'}")
     for key, value in meta.items():
-        if key.endswith("_partial"):
+        if key.endswith("_process"):
             lines.append(f"- {key}: " + "; ".join(f"{k}: {v}" for k, v in value.items()))
     old = earlier.get("seconds", {})
     lines.append("- earlier run (minimal pairs defaulted to BOS), wall times: "
