@@ -123,9 +123,9 @@ def test_sentence_logprobs_by_layer_equal_hf_at_the_last_layer(gemma2, gemma2_hf
     with torch.no_grad():
         logp = torch.log_softmax(gemma2_hf(torch.tensor([ids])).logits[0].double(), dim=-1)
     ref = float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
-    by_layer = mp.layer_sentence_logprobs(gemma2, [text], token_chunk=4)
+    by_layer = mp.layer_sentence_logprobs(gemma2, [text], token_chunk=4, prepend_bos=True)  # the reference scores after BOS
     assert float(by_layer[-1, 0]) == pytest.approx(ref, abs=1e-3)
-    assert float(mp.sentence_logprobs(gemma2, [text])[0]) == pytest.approx(ref, abs=1e-3)
+    assert float(mp.sentence_logprobs(gemma2, [text], prepend_bos=True)[0]) == pytest.approx(ref, abs=1e-3)
 
 
 def test_label_logits_of_features_equal_hf(gemma2, gemma2_hf):

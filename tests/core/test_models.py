@@ -34,6 +34,30 @@ def test_tokenize_right_pads_and_follows_hf(tiny_model, tiny_tokenizer):
     assert bos.lengths.tolist() == [n + 1 for n in toks.lengths.tolist()]
 
 
+def test_one_bos_rule_resolved_and_checked_in_one_place(tiny_model, tiny_hf, tiny_tokenizer):
+    import copy
+
+    import vsem_lens as vl
+    from vsem_lens.core.errors import InputError
+
+    # the rule: None -> the model's (load_model's default is the HF rule, no BOS); overrides win
+    assert tiny_model.prepend_bos is False
+    assert [tiny_model.resolve_bos(x) for x in (None, True, False)] == [False, True, False]
+    with_bos = vl.load_model((tiny_hf, tiny_tokenizer), prepend_bos=True)
+    assert [with_bos.resolve_bos(x) for x in (None, True, False)] == [True, True, False]
+    hf_ids = tiny_tokenizer("A cat")["input_ids"]
+    assert with_bos.token_ids(["A cat"]) == [[tiny_tokenizer.bos_token_id] + hf_ids]
+    assert with_bos.token_ids(["A cat"], prepend_bos=False) == [hf_ids]
+    # a tokenizer without BOS: TransformerLens installs EOS as a stand-in, vsem-lens refuses to prepend it
+    no_bos = copy.deepcopy(tiny_tokenizer)
+    no_bos.bos_token = None
+    model = vl.load_model((tiny_hf, no_bos))
+    assert model.bos_token_id is None
+    assert model.token_ids(["A cat"]) == [hf_ids]
+    with pytest.raises(InputError, match="has no BOS token"):
+        model.token_ids(["A cat"], prepend_bos=True)
+
+
 def test_hooked_logits_equal_hf_on_tiny(tiny_model, tiny_hf):
     toks = tiny_model.tokenize(["The capital of France is Paris.", "A cat sat"])
     ours = tiny_model.forward(toks)

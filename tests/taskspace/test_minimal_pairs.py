@@ -184,27 +184,76 @@ def plain_hf(tiny_tokenizer):
     return hf
 
 
-def _hf_logprob(hf, tokenizer, text: str) -> float:
-    """Independent reference: BOS + HF tokens, plain HF forward, one sentence at a time."""
-    ids = [tokenizer.bos_token_id] + tokenizer(text)["input_ids"]
+def _hf_logprob(hf, tokenizer, text: str, *, bos: bool = False) -> float:
+    """Independent reference: (BOS +) HF tokens, plain HF forward, one sentence at a time."""
+    ids = ([tokenizer.bos_token_id] if bos else []) + tokenizer(text)["input_ids"]
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
     return float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
 
 
-def test_accuracy_matches_plain_hf(plain_hf, tiny_tokenizer, tiny_model):
-    scores = mp.score_minimal_pairs(tiny_model, TINY_PAIRS, batch_size=3)
-    ref_good = [_hf_logprob(plain_hf, tiny_tokenizer, p.good) for p in TINY_PAIRS]
-    ref_bad = [_hf_logprob(plain_hf, tiny_tokenizer, p.bad) for p in TINY_PAIRS]
+@pytest.mark.parametrize("bos", [None, True, False])
+def test_accuracy_matches_plain_hf(plain_hf, tiny_tokenizer, tiny_model, bos):
+    # None follows the model's rule: load_model's default, no BOS (the HF tokenisation)
+    assert tiny_model.prepend_bos is False
+    used = bool(bos)
+    scores = mp.score_minimal_pairs(tiny_model, TINY_PAIRS, batch_size=3, prepend_bos=bos)
+    ref_good = [_hf_logprob(plain_hf, tiny_tokenizer, p.good, bos=used) for p in TINY_PAIRS]
+    ref_bad = [_hf_logprob(plain_hf, tiny_tokenizer, p.bad, bos=used) for p in TINY_PAIRS]
     np.testing.assert_allclose(scores.logp_good, ref_good, rtol=0, atol=1e-3)
     np.testing.assert_allclose(scores.logp_bad, ref_bad, rtol=0, atol=1e-3)
-    acc = mp.minimal_pair_accuracy(tiny_model, TINY_PAIRS, batch_size=2).set_index("phenomenon")
+    assert (scores.prepend_bos == used).all()
+    acc = mp.minimal_pair_accuracy(tiny_model, TINY_PAIRS, batch_size=2, prepend_bos=bos).set_index("phenomenon")
     margins = np.array(ref_good) - np.array(ref_bad)
     assert acc.loc["agr", "n_pairs"] == 3 and acc.loc["all", "n_pairs"] == 5
     assert acc.loc["agr", "accuracy"] == pytest.approx(np.mean(margins[:3] > 0))
+    assert acc.loc["all", "accuracy"] == pytest.approx(np.mean(margins > 0))
     assert acc.loc["npi", "mean_margin"] == pytest.approx(margins[3:].mean(), abs=1e-3)
-    assert acc.loc["all", "accuracy_ci_low"] <= acc.loc["all", "accuracy"] <= acc.loc["all", "accuracy_ci_high"]
+    assert list(acc.columns)[-1] == "prepend_bos" and (acc.prepend_bos == used).all()
+    # the Wilson interval, against scipy's independent implementation
+    from scipy.stats import binomtest
+
+    low, high = binomtest(int(np.sum(margins > 0)), 5).proportion_ci(0.95, method="wilson")
+    assert acc.loc["all", "accuracy_ci_low"] == pytest.approx(low, abs=1e-6)
+    assert acc.loc["all", "accuracy_ci_high"] == pytest.approx(high, abs=1e-6)
+
+
+def test_a_model_loaded_with_bos_scores_with_bos(plain_hf, tiny_hf, tiny_tokenizer):
+    bos_model = vl.load_model((tiny_hf, tiny_tokenizer), prepend_bos=True)
+    scores = mp.score_minimal_pairs(bos_model, TINY_PAIRS[:2])
+    ref = [_hf_logprob(plain_hf, tiny_tokenizer, p.good, bos=True) for p in TINY_PAIRS[:2]]
+    np.testing.assert_allclose(scores.logp_good, ref, rtol=0, atol=1e-3)
+    assert scores.prepend_bos.all()
+    by_layer = mp.minimal_pair_accuracy_by_layer(bos_model, TINY_PAIRS[:2], layers=[0])
+    assert by_layer.prepend_bos.all()
+    # and the override goes the other way
+    assert not mp.score_minimal_pairs(bos_model, TINY_PAIRS[:2], prepend_bos=False).prepend_bos.any()
+
+
+def test_bos_on_a_tokenizer_without_bos_is_a_clear_error(tiny_model, tiny_hf, tiny_tokenizer):
+    import copy
+
+    def no_bos():
+        tok = copy.deepcopy(tiny_tokenizer)
+        tok.bos_token = None
+        assert tok.bos_token_id is None
+        return tok
+
+    # TransformerLens installs EOS as a stand-in BOS on such a tokenizer; the model keeps the real answer
+    model = vl.load_model((tiny_hf, no_bos()))
+    assert model.bos_token_id is None and model.prepend_bos is False
+    with pytest.raises(InputError, match="has no BOS token"):
+        mp.score_minimal_pairs(model, TINY_PAIRS[:2], prepend_bos=True)
+    with pytest.raises(InputError, match="has no BOS token"):
+        model.tokenize(["The cat."], prepend_bos=True)
+    # the model's own rule (no BOS) still works
+    assert not mp.score_minimal_pairs(model, TINY_PAIRS[:2]).prepend_bos.any()
+    with pytest.raises(InputError, match="True, False or None"):
+        model.resolve_bos("yes")
+    # and a model cannot be loaded with a BOS rule its tokenizer cannot follow
+    with pytest.raises(InputError, match="has no BOS token"):
+        vl.load_model((tiny_hf, no_bos()), prepend_bos=True)
 
 
 def test_without_bos_the_first_token_is_context(plain_hf, tiny_tokenizer, tiny_model):
@@ -249,7 +298,7 @@ def test_by_layer_through_a_custom_lens_equals_the_hand_transform(tiny_model):
     lens = _Doubled(tiny_model)
     layers = [0, tiny_model.n_layers - 1]
     got = mp.layer_sentence_logprobs(tiny_model, ["The cat sleeps.", "Dogs bark."], frame=lens, layers=layers)
-    tokens = tiny_model.tokenize(["The cat sleeps.", "Dogs bark."], prepend_bos=True)
+    tokens = tiny_model.tokenize(["The cat sleeps.", "Dogs bark."])  # the model's rule, like the function
     acts = vl.capture(tiny_model, tokens, layers=layers)
     unembedding = tiny_model.unembedding()
     for li, layer in enumerate(layers):

@@ -69,7 +69,10 @@ def load_model(
             statistics are accumulated in float64 regardless). Default: float32 for a model loaded from
             disk, its own dtype for an in-memory pair; an explicit dtype converts a pair in place.
         prepend_bos: force a BOS token in front of every text (TransformerLens's convention);
-            by default texts are tokenised exactly as the HF tokenizer does.
+            by default texts are tokenised exactly as the HF tokenizer does. This is the model's BOS
+            rule: every analysis (minimal pairs and task spaces included) follows it unless a call
+            overrides it. A tokenizer without a BOS token cannot have ``prepend_bos=True``
+            (:class:`~vsem_lens.core.errors.InputError`). SmolLM2's BOS is the chat token ``<|im_start|>``.
         trust_remote_code: passed to HF; off unless you ask for it.
         local_only: never reach the network: a hub name must already be in the HF cache. Used when the
             model is named by a saved artifact (a head's ``config.json``) rather than by the user.
@@ -181,6 +184,7 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     if tokenizer is None:
         raise ModelLoadError("a tokenizer is required; pass (hf_model, tokenizer).")
     tokenizer = _reloadable_tokenizer(tokenizer)
+    bos_token_id = tokenizer.bos_token_id  # before the bridge installs EOS as a stand-in BOS
     check_causal_lm(hf_model, name)
     dispatched = bool(getattr(hf_model, "hf_device_map", None))
     device, dtype = _place(hf_model, device, dtype)
@@ -208,7 +212,7 @@ def _boot(name, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs) ->
     bridge.eval()
     if not dispatched:
         _check_placement(bridge, str(name), device, dtype)
-    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos)
+    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos, bos_token_id=bos_token_id)
 
 
 SUPPORTED_MODELS = (

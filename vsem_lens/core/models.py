@@ -5,8 +5,11 @@ Tokenisation rule (documented, user-visible): token ids are exactly what the mod
 produces for the text (``tokenizer(text)`` with its default special tokens), so results match a plain
 HF pipeline. TransformerLens prepends a BOS token by default; pass ``prepend_bos=True`` (to
 :func:`~vsem_lens.core.loading.load_model` or :meth:`HookedModel.tokenize`) to get that convention instead.
-On SmolLM2 the choice changes results noticeably, so reports record it. Batches are right-padded and
-every statistic masks padding out.
+Every function that takes ``prepend_bos=None`` follows the model's rule (:attr:`HookedModel.prepend_bos`);
+:meth:`HookedModel.resolve_bos` is the one place that turns a request into the rule used, and it refuses
+BOS for a tokenizer that has no BOS token. On SmolLM2 the BOS token is the chat token ``<|im_start|>``
+and the choice changes results noticeably, so reports record it. Batches are right-padded and every
+statistic masks padding out.
 
 Example:
     >>> model = load_model()                                  # doctest: +SKIP
@@ -68,6 +71,9 @@ class HookedModel:
         tokenizer: the HF tokenizer.
         name: a human-readable model name.
         prepend_bos: whether :meth:`tokenize` forces a BOS token in front (see module docstring).
+        bos_token_id: the tokenizer's own BOS token (``None``: it has none). Read before TransformerLens
+            boots the bridge, which installs the EOS token as BOS on a tokenizer without one; vsem-lens
+            never prepends that stand-in.
 
     Example:
         >>> model = load_model("embedded")                  # doctest: +SKIP
@@ -76,11 +82,15 @@ class HookedModel:
         torch.Size([1, 5, 49152])
     """
 
-    def __init__(self, bridge: Any, tokenizer: Any, *, name: str, prepend_bos: bool = False):
+    def __init__(
+        self, bridge: Any, tokenizer: Any, *, name: str, prepend_bos: bool = False, bos_token_id: Any = "tokenizer"
+    ):
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.name = name
-        self.prepend_bos = bool(prepend_bos)
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None) if bos_token_id == "tokenizer" else bos_token_id
+        self.prepend_bos = False
+        self.prepend_bos = self.resolve_bos(prepend_bos)
         self._fingerprint: str | None = None
         self._unembeddings: dict[torch.dtype, tuple[tuple, Unembedding]] = {}
 
@@ -199,6 +209,30 @@ class HookedModel:
         return self._fingerprint
 
     # -- tokenisation --------------------------------------------------------------------------
+    def resolve_bos(self, prepend_bos: bool | None = None) -> bool:
+        """The BOS rule a call uses: the model's (``None``) or the requested one, checked.
+
+        The one check every BOS request goes through: asking for BOS when the tokenizer has no BOS
+        token is an :class:`~vsem_lens.core.errors.InputError` (silently scoring without BOS would
+        change every first-token statistic).
+
+        Example:
+            >>> model.resolve_bos(None) == model.prepend_bos   # doctest: +SKIP
+            True
+            >>> model.resolve_bos(True)                        # doctest: +SKIP
+            True
+        """
+        if prepend_bos is None:
+            return self.prepend_bos
+        if prepend_bos not in (True, False):
+            raise InputError(f"prepend_bos must be True, False or None (the model's rule), got {prepend_bos!r}.")
+        if prepend_bos and self.bos_token_id is None:
+            raise InputError(
+                f"prepend_bos=True, but the tokenizer of {self.name!r} has no BOS token; use prepend_bos=False "
+                "(the first token is then only context) or set tokenizer.bos_token first."
+            )
+        return bool(prepend_bos)
+
     def tokenize(
         self,
         texts: str | Sequence[str],
@@ -235,13 +269,13 @@ class HookedModel:
             [[19556, 905], [17560]]
         """
         texts = check_texts(texts)
-        bos = self.prepend_bos if prepend_bos is None else bool(prepend_bos)
+        bos = self.resolve_bos(prepend_bos)
         limit = self.n_ctx if max_length is None else check_positive_int(max_length, "max_length")
         rows: list[list[int]] = []
         for index, text in enumerate(texts):
             ids = list(self.tokenizer(text)["input_ids"])
-            bos_id = self.tokenizer.bos_token_id
-            if bos and bos_id is not None and (not ids or ids[0] != bos_id):
+            bos_id = self.bos_token_id
+            if bos and (not ids or ids[0] != bos_id):
                 ids = [bos_id] + ids
             if not ids:
                 raise InputError(f"text {index} ({text[:40]!r}) produced no tokens; remove it.")

@@ -25,7 +25,7 @@ Example:
     >>> plot_task_space(result.matrix("delta_accuracy")).show()            # doctest: +SKIP
 """
 
-from .ftgd import FTGDConfig, ftgd_finetune
+from .ftgd import FTGDConfig, ftgd_finetune, random_mask
 from .gradients import TaskGradients, phenomenon_gradients
 from .matrix import compare_with_hypothesis, plot_task_space, task_space_matrix
 from .minimal_pairs import minimal_pair_accuracy, minimal_pair_accuracy_by_layer, preference_onset, score_minimal_pairs
@@ -49,6 +49,7 @@ __all__ = [
     "phenomenon_gradients",
     "plot_task_space",
     "preference_onset",
+    "random_mask",
     "score_minimal_pairs",
     "task_space_matrix",
 ]

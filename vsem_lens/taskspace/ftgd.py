@@ -12,6 +12,15 @@ log-probability margin; ``"lm"``: next-token loss on the grammatical sentences o
 weight decay, ``lr`` 1e-4, a budget of ``steps`` optimiser steps of ``batch_size`` pairs drawn in a
 seeded order, and the mask fraction ``top_frac`` (default 1% of the selected parameters).
 
+**Control.** ``FTGDConfig(mask="random", mask_seed=s)`` tunes a :func:`random_mask` of the same size
+instead (the same number of parameters, drawn uniformly among the candidates with seed ``s``), with
+everything else unchanged: the baseline that says how much of a transfer is due to *which* parameters
+the gradient differential picked rather than to tuning any 1% of the model on the pairs.
+
+**BOS.** ``FTGDConfig.prepend_bos=None`` follows the model's rule (see
+:mod:`~vsem_lens.taskspace.minimal_pairs`); :func:`ftgd_finetune` records the rule it used in the
+returned config.
+
 Example:
     >>> res = ftgd_finetune(model, train_pairs, config=FTGDConfig(steps=5))   # doctest: +SKIP
     >>> res.n_updated                                                          # doctest: +SKIP
@@ -20,7 +29,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -28,7 +38,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..core.errors import InputError, check_positive_int
+from ..core.errors import InputError, check_int, check_positive_int
 from ..core.models import HookedModel
 from .gradients import margin_gradient, pair_margins
 from .minimal_pairs import text_logprobs
@@ -37,6 +47,7 @@ from .parameters import OnlyGradFor, model_parameters
 from .similarity import check_top_frac, top_mask
 
 OBJECTIVES = ("margin", "lm")
+MASKS = ("gradient", "random")
 
 
 @dataclass
@@ -50,8 +61,12 @@ class FTGDConfig:
         batch_size: pairs per step (drawn in a seeded order, cycling through the training pairs).
         objective: ``"margin"`` (``softplus(-margin)``) or ``"lm"`` (next-token loss on the good sentences).
         include: regex restricting the candidate parameters (default all).
-        seed: order of the training pairs.
-        prepend_bos: as in :func:`~vsem_lens.taskspace.minimal_pairs.minimal_pair_accuracy`.
+        seed: order of the training pairs (and, in :func:`~vsem_lens.taskspace.transfer.ftgd_transfer`,
+            the train/eval split).
+        prepend_bos: ``None`` follows the model's rule; :func:`ftgd_finetune` stores the rule used.
+        mask: ``"gradient"`` (FTGD: the largest ``|grad differential|``) or ``"random"`` (the control:
+            a :func:`random_mask` of the same size).
+        mask_seed: seed of the random mask.
 
     Example:
         >>> FTGDConfig(top_frac=0.05, steps=20).objective
@@ -65,7 +80,9 @@ class FTGDConfig:
     objective: str = "margin"
     include: str | None = None
     seed: int = 0
-    prepend_bos: bool = True
+    prepend_bos: bool | None = None
+    mask: str = "gradient"
+    mask_seed: int = 0
 
     def check(self) -> "FTGDConfig":
         """Validate the fields; return self."""
@@ -77,6 +94,9 @@ class FTGDConfig:
             raise InputError(f"FTGDConfig.lr must be positive, got {self.lr!r}.")
         if self.objective not in OBJECTIVES:
             raise InputError(f"FTGDConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.mask not in MASKS:
+            raise InputError(f"FTGDConfig.mask must be one of {MASKS}, got {self.mask!r}.")
+        check_int(self.mask_seed, "FTGDConfig.mask_seed", minimum=0)
         return self
 
 
@@ -99,7 +119,7 @@ def ftgd_mask(
     top_frac: float = 0.01,
     include: str | None = None,
     batch_size: int = 16,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> dict[str, Bool[Tensor, "..."]]:
     """The FTGD mask: the ``top_frac`` parameters with the largest gradient differential on ``pairs``.
 
@@ -117,6 +137,51 @@ def ftgd_mask(
     out, offset = {}, 0
     for name, p in params:
         m = flat_mask[offset : offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+        if bool(m.any()):
+            out[name] = m.to(p.device)
+    return out
+
+
+def mask_size(model: HookedModel, top_frac: float, include: str | None = None) -> int:
+    """Number of parameters a ``top_frac`` mask selects: ``ceil(top_frac * candidates)`` (at least 1).
+
+    Ties at the threshold can add a few to a gradient mask (:func:`~vsem_lens.taskspace.similarity.top_mask`).
+
+    Example:
+        >>> mask_size(model, 0.01)  # doctest: +SKIP
+        1345151
+    """
+    check_top_frac(top_frac)
+    n = sum(p.numel() for _, p in model_parameters(model, include))
+    return max(1, int(math.ceil(top_frac * n)))
+
+
+def random_mask(
+    model: HookedModel, n_selected: int, *, include: str | None = None, seed: int = 0
+) -> dict[str, Bool[Tensor, "..."]]:
+    """A control mask: ``n_selected`` parameters drawn uniformly without replacement among the candidates.
+
+    Same format as :func:`ftgd_mask` (clean name -> bool tensor; parameters with no selected entry
+    left out), so ``ftgd_finetune(..., mask=random_mask(model, n, seed=s))`` tunes a random subset of
+    the same size as an FTGD mask of ``n`` parameters.
+
+    Example:
+        >>> mask = random_mask(model, 1000, seed=0)           # doctest: +SKIP
+        >>> sum(int(m.sum()) for m in mask.values())           # doctest: +SKIP
+        1000
+    """
+    params = model_parameters(model, include)
+    total = sum(p.numel() for _, p in params)
+    n_selected = check_int(n_selected, "n_selected", minimum=1)
+    if n_selected > total:
+        raise InputError(f"n_selected={n_selected} is more than the {total} candidate parameters.")
+    chosen = np.random.default_rng(check_int(seed, "seed", minimum=0)).choice(total, size=n_selected, replace=False)
+    flat = torch.zeros(total, dtype=torch.bool)
+    flat[torch.from_numpy(np.asarray(chosen, dtype=np.int64))] = True
+    out, offset = {}, 0
+    for name, p in params:
+        m = flat[offset : offset + p.numel()].reshape(p.shape)
         offset += p.numel()
         if bool(m.any()):
             out[name] = m.to(p.device)
@@ -156,7 +221,9 @@ def ftgd_finetune(
         model: the model; unchanged unless ``inplace=True``.
         train_pairs: the pairs of one phenomenon (any list works).
         config: budget and objective (:class:`FTGDConfig`).
-        mask: a precomputed mask (clean name -> bool tensor); default :func:`ftgd_mask` on ``train_pairs``.
+        mask: a precomputed mask (clean name -> bool tensor); default :func:`ftgd_mask` on ``train_pairs``
+            (``config.mask="gradient"``) or a :func:`random_mask` of :func:`mask_size` parameters
+            (``config.mask="random"``, seed ``config.mask_seed``).
         inplace: tune ``model`` itself (used by :func:`ftgd_transfer` on its working copy).
 
     Example:
@@ -164,8 +231,11 @@ def ftgd_finetune(
         >>> minimal_pair_accuracy(res.model, test)                          # doctest: +SKIP
     """
     cfg = (config or FTGDConfig()).check()
+    cfg = replace(cfg, prepend_bos=model.resolve_bos(cfg.prepend_bos))
     train_pairs = check_pairs(train_pairs)
-    if mask is None:
+    if mask is None and cfg.mask == "random":
+        mask = random_mask(model, mask_size(model, cfg.top_frac, cfg.include), include=cfg.include, seed=cfg.mask_seed)
+    elif mask is None:
         mask = ftgd_mask(model, train_pairs, top_frac=cfg.top_frac, include=cfg.include, prepend_bos=cfg.prepend_bos)
     target = model if inplace else copy_model(model)
     by_name = dict(model_parameters(target))
@@ -206,4 +276,4 @@ def ftgd_finetune(
     )
 
 
-__all__ = ["FTGDConfig", "FTGDResult", "OBJECTIVES", "copy_model", "ftgd_finetune", "ftgd_mask"]
+__all__ = ["FTGDConfig", "FTGDResult", "MASKS", "OBJECTIVES", "copy_model", "ftgd_finetune", "ftgd_mask", "mask_size", "random_mask"]

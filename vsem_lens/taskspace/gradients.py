@@ -34,11 +34,12 @@ from .parameters import OnlyGradFor, ParamSlice, model_parameters, param_block
 
 
 def pair_margins(
-    model: HookedModel, pairs: Sequence[MinimalPair], *, prepend_bos: bool = True
+    model: HookedModel, pairs: Sequence[MinimalPair], *, prepend_bos: bool | None = None
 ) -> Float[Tensor, " pair"]:
     """Differentiable log-probability margins ``log p(good) - log p(bad)`` of a batch of pairs.
 
-    Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation).
+    Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation). ``prepend_bos``:
+    ``None`` follows the model's rule (see :mod:`~vsem_lens.taskspace.minimal_pairs`).
 
     Example:
         >>> pair_margins(model, pairs[:4]).shape  # doctest: +SKIP
@@ -76,7 +77,7 @@ def margin_gradient(
     pairs: Sequence[MinimalPair],
     *,
     batch_size: int,
-    prepend_bos: bool,
+    prepend_bos: bool | None,
     dtype: torch.dtype,
 ) -> Float[Tensor, " n_params"]:
     """Flat gradient of the mean margin over ``pairs`` w.r.t. ``params`` (accumulated over batches).
@@ -109,7 +110,7 @@ class TaskGradients:
         vectors: phenomenon -> flat gradient [n_params] (in :attr:`slices` order).
         slices: where each parameter sits in the flat vectors (with its block label).
         n_pairs: pairs used per phenomenon.
-        meta: model name, prepend_bos, include filter, dtype.
+        meta: model name, ``prepend_bos`` (the BOS rule used), include filter, dtype.
 
     Example:
         >>> grads = phenomenon_gradients(model, load_minimal_pairs())   # doctest: +SKIP
@@ -139,13 +140,18 @@ class TaskGradients:
         return out
 
     def block_norms(self) -> pd.DataFrame:
-        """L2 norm of each phenomenon's gradient per block (``phenomenon, block, grad_norm``)."""
+        """L2 norm of each phenomenon's gradient per block (``phenomenon, block, grad_norm``, and
+        ``prepend_bos`` when :attr:`meta` records the BOS rule).
+        """
         rows = []
         for name, vec in self.vectors.items():
             for block, slices in self.blocks().items():
                 sq = sum(float(vec[s.start : s.stop].float().square().sum()) for s in slices)
                 rows.append({"phenomenon": name, "block": block, "grad_norm": math.sqrt(sq)})
-        return pd.DataFrame(rows)
+        out = pd.DataFrame(rows)
+        if "prepend_bos" in self.meta:
+            out["prepend_bos"] = self.meta["prepend_bos"]
+        return out
 
 
 def phenomenon_gradients(
@@ -156,7 +162,7 @@ def phenomenon_gradients(
     max_pairs: int | None = 50,
     include: str | None = None,
     batch_size: int = 16,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> TaskGradients:
     """Gradient of each phenomenon's mean log-probability margin w.r.t. the model's parameters.
@@ -169,7 +175,8 @@ def phenomenon_gradients(
         max_pairs: use the first ``max_pairs`` pairs of each phenomenon (``None``: all).
         include: regex on clean parameter names (e.g. ``r"layers\\.\\d+\\.mlp"``); default all.
         batch_size: pairs per forward/backward pass (the gradient is summed over batches).
-        prepend_bos: as in :func:`~vsem_lens.taskspace.minimal_pairs.minimal_pair_accuracy`.
+        prepend_bos: ``None`` follows the model's rule (recorded in ``meta``); see
+            :mod:`~vsem_lens.taskspace.minimal_pairs`.
         dtype: storage dtype of the vectors (``torch.bfloat16`` halves the memory).
 
     Example:
@@ -181,6 +188,7 @@ def phenomenon_gradients(
     if max_pairs is not None:
         check_positive_int(max_pairs, "max_pairs")
     check_positive_int(batch_size, "batch_size")
+    prepend_bos = model.resolve_bos(prepend_bos)
     params = model_parameters(model, include)
     slices, offset = [], 0
     for name, p in params:

@@ -3,9 +3,29 @@ output and read from every layer through a lens.
 
 Scoring (:func:`minimal_pair_accuracy`): the log-probability of a sentence is the sum of its tokens'
 log-probabilities; a pair is correct when the grammatical sentence is strictly more probable
-(ties count as wrong, as in BLiMP). By default a BOS token is prepended for scoring (``prepend_bos=True``)
-so that the first word is scored too: minimal pairs may differ in their first word (``npi_licensing``).
-With ``prepend_bos=False`` the model's own tokenisation rule is used and the first token is not scored.
+(ties count as wrong, as in BLiMP).
+
+**BOS rule.** Every function here (and in :mod:`.gradients`, :mod:`.ftgd`, :mod:`.transfer`) takes
+``prepend_bos: bool | None = None``: ``None`` follows the model's rule (:attr:`HookedModel.prepend_bos
+<vsem_lens.core.models.HookedModel>`, ``False`` unless the model was loaded with ``prepend_bos=True``),
+``True``/``False`` override it, and the rule used is recorded in every output (a ``prepend_bos``
+column or meta entry). :meth:`~vsem_lens.core.models.HookedModel.resolve_bos` is the one check: BOS
+on a tokenizer without a BOS token is an :class:`~vsem_lens.core.errors.InputError`.
+
+What the score means under each rule:
+
+- with BOS, every token of the sentence is scored: ``log p(s) = sum_t log p(w_t | BOS, w_<t)``, the
+  BLiMP-style full-sentence probability. The first word is scored after the BOS token, which on
+  SmolLM2 is the chat token ``<|im_start|>`` (normally followed by a role name), so the first word's
+  term is a chat-context unigram preference.
+- without BOS, the first token is only context: ``log p(s) = sum_{t>1} log p(w_t | w_<t)``. For a
+  pair that differs after the first token the margin compares the same conditionals as with BOS,
+  minus the (identical) first-token term. For a pair that differs *in its first token*
+  (``npi_licensing``: "No/This singer has ever ...") the margin is ``log p(rest | good first word) -
+  log p(rest | bad first word)``: whether the rest of the sentence fits the first word, not which first
+  word is more probable. The same rule is used for scoring, gradients and FTGD objectives, so every
+  stage of a study scores the same quantity.
+
 :func:`minimal_pair_accuracy_by_layer` reads the same log-probabilities from every layer through a lens
 (``final_norm``: the logit lens; ``tuned``: a tuned lens), chunked so no [layers, tokens, vocab] tensor
 exists; :func:`preference_onset` says at which layer the preference appears.
@@ -76,12 +96,12 @@ def sentence_logprobs(
     sentences: Sequence[str],
     *,
     batch_size: int = 32,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> Float[Tensor, " sentence"]:
     """Sum of token log-probabilities (nats, float64) of each sentence under the model.
 
-    With ``prepend_bos=True`` (default) every token of the sentence is scored given a BOS token;
-    otherwise the first token is only context.
+    ``prepend_bos``: ``None`` follows the model's rule; with BOS every token of the sentence is scored
+    given the BOS token, without it the first token is only context (module docstring).
 
     Example:
         >>> sentence_logprobs(model, ["The cat sleeps.", "The cat sleep."])  # doctest: +SKIP
@@ -100,18 +120,20 @@ def score_minimal_pairs(
     pairs: Sequence[MinimalPair],
     *,
     batch_size: int = 32,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> pd.DataFrame:
-    """Per-pair log-probabilities: ``phenomenon, good, bad, logp_good, logp_bad, margin, correct``.
+    """Per-pair log-probabilities: ``phenomenon, good, bad, logp_good, logp_bad, margin, correct, prepend_bos``.
 
-    ``margin = logp_good - logp_bad`` (nats); ``correct`` is ``margin > 0``.
+    ``margin = logp_good - logp_bad`` (nats); ``correct`` is ``margin > 0``; ``prepend_bos`` is the BOS
+    rule used (``None`` follows the model's rule; see the module docstring).
 
     Example:
         >>> score_minimal_pairs(model, pairs[:2]).margin.round(1).tolist()  # doctest: +SKIP
     """
     pairs = check_pairs(pairs)
+    bos = model.resolve_bos(prepend_bos)
     sentences = [p.good for p in pairs] + [p.bad for p in pairs]
-    scores = sentence_logprobs(model, sentences, batch_size=batch_size, prepend_bos=prepend_bos).numpy()
+    scores = sentence_logprobs(model, sentences, batch_size=batch_size, prepend_bos=bos).numpy()
     n = len(pairs)
     df = pd.DataFrame(
         {
@@ -124,6 +146,7 @@ def score_minimal_pairs(
     )
     df["margin"] = df.logp_good - df.logp_bad
     df["correct"] = df.margin > 0
+    df["prepend_bos"] = bos
     return df
 
 
@@ -139,12 +162,15 @@ def summarize_pair_scores(scores: pd.DataFrame, by: Sequence[str] = ()) -> pd.Da
     """Accuracy per phenomenon (and per ``by`` columns) from per-pair scores, plus an ``all`` row.
 
     Columns: ``*by, phenomenon, n_pairs, accuracy, accuracy_ci_low, accuracy_ci_high`` (Wilson 95%),
-    ``n_ties, mean_margin, median_margin``.
+    ``n_ties, mean_margin, median_margin``, and ``prepend_bos`` (the BOS rule) when ``scores`` records it.
 
     Example:
         >>> summarize_pair_scores(score_minimal_pairs(model, pairs))  # doctest: +SKIP
     """
     by = list(by)
+    recorded = "prepend_bos" in scores.columns and "prepend_bos" not in by
+    if recorded:
+        by.append("prepend_bos")
     frames = [scores, scores.assign(phenomenon="all")]
     data = pd.concat(frames, ignore_index=True)
     grouped = data.groupby(by + ["phenomenon"], sort=False)
@@ -158,6 +184,8 @@ def summarize_pair_scores(scores: pd.DataFrame, by: Sequence[str] = ()) -> pd.Da
     low, high = _wilson(out.accuracy.to_numpy() * out.n_pairs.to_numpy(), out.n_pairs.to_numpy().astype(float))
     out.insert(out.columns.get_loc("accuracy") + 1, "accuracy_ci_low", low)
     out.insert(out.columns.get_loc("accuracy") + 2, "accuracy_ci_high", high)
+    if recorded:  # the rule goes last, after the statistics
+        out["prepend_bos"] = out.pop("prepend_bos")
     return out
 
 
@@ -166,7 +194,7 @@ def minimal_pair_accuracy(
     pairs: Sequence[MinimalPair] | str | os.PathLike = "default",
     *,
     batch_size: int = 32,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> pd.DataFrame:
     """Minimal-pair accuracy per phenomenon: is the grammatical sentence more probable?
 
@@ -177,11 +205,13 @@ def minimal_pair_accuracy(
         model: a :class:`~vsem_lens.core.models.HookedModel`.
         pairs: a list of :class:`MinimalPair`, ``"default"`` (the shipped pairs) or a JSONL path.
         batch_size: sentences per forward pass.
-        prepend_bos: score the first token too by conditioning on BOS (default).
+        prepend_bos: ``None`` (default) follows the model's rule; ``True`` scores the first token too by
+            conditioning on BOS, ``False`` uses the first token only as context (module docstring).
 
     Returns:
         One row per phenomenon plus ``all``: ``phenomenon, n_pairs, accuracy, accuracy_ci_low,
-        accuracy_ci_high, n_ties, mean_margin, median_margin`` (margins in nats).
+        accuracy_ci_high, n_ties, mean_margin, median_margin, prepend_bos`` (margins in nats;
+        ``prepend_bos`` is the rule used).
 
     Example:
         >>> acc = minimal_pair_accuracy(model, load_minimal_pairs())  # doctest: +SKIP
@@ -202,7 +232,7 @@ def layer_sentence_logprobs(
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     token_chunk: int = 256,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> Float[Tensor, "layer sentence"]:
     """Sentence log-probabilities read from each layer's residual (``resid_post``) through a lens.
 
@@ -218,6 +248,7 @@ def layer_sentence_logprobs(
     layer_list = check_layers(layers, model.n_layers)
     lens_obj = resolve_frame(frame, model, lens=lens)
     check_positive_int(token_chunk, "token_chunk")
+    prepend_bos = model.resolve_bos(prepend_bos)
     out = torch.zeros(len(layer_list), len(sentences), dtype=torch.float64)
     unembedding = model.unembedding()
     for span in _batches(len(sentences), batch_size):
@@ -249,7 +280,7 @@ def minimal_pair_accuracy_by_layer(
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     token_chunk: int = 256,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> pd.DataFrame:
     """Minimal-pair accuracy per layer and phenomenon, reading each layer through a lens.
 
@@ -261,9 +292,12 @@ def minimal_pair_accuracy_by_layer(
         layers: layers to read (default all); the last layer in the ``final_norm`` frame equals
             :func:`minimal_pair_accuracy`.
 
+        prepend_bos: ``None`` follows the model's rule (module docstring).
+
     Returns:
         Rows ``layer, phenomenon, n_pairs, accuracy, accuracy_ci_low, accuracy_ci_high, n_ties,
-        mean_margin, median_margin, frame`` (``phenomenon == "all"`` pools every pair).
+        mean_margin, median_margin, prepend_bos, frame`` (``phenomenon == "all"`` pools every pair;
+        ``prepend_bos`` is the rule used).
 
     Example:
         >>> by_layer = minimal_pair_accuracy_by_layer(model, pairs, frame="final_norm")  # doctest: +SKIP
@@ -273,6 +307,7 @@ def minimal_pair_accuracy_by_layer(
         pairs = load_minimal_pairs(pairs)
     pairs = check_pairs(pairs)
     layer_list = check_layers(layers, model.n_layers)
+    prepend_bos = model.resolve_bos(prepend_bos)
     sentences = [p.good for p in pairs] + [p.bad for p in pairs]
     logp = layer_sentence_logprobs(
         model, sentences, frame=frame, lens=lens, layers=layer_list, batch_size=batch_size,
@@ -283,7 +318,8 @@ def minimal_pair_accuracy_by_layer(
     for li, layer in enumerate(layer_list):
         margin = logp[li, :n] - logp[li, n:]
         frames.append(
-            pd.DataFrame({"layer": layer, "phenomenon": [p.phenomenon for p in pairs], "margin": margin, "correct": margin > 0})
+            pd.DataFrame({"layer": layer, "phenomenon": [p.phenomenon for p in pairs], "margin": margin,
+                          "correct": margin > 0, "prepend_bos": prepend_bos})
         )
     out = summarize_pair_scores(pd.concat(frames, ignore_index=True), by=["layer"])
     out["frame"] = frame.frame if isinstance(frame, Lens) else frame

@@ -61,7 +61,8 @@ def gradient_similarity(
     Returns:
         Tidy rows ``scope, phenomenon_a, phenomenon_b, cosine, jaccard, mask_size_a, mask_size_b,
         intersection`` for every ordered pair (diagonal included; ``scope`` is ``overall`` or a block
-        label). Use :func:`task_space_matrix` for a square matrix.
+        label), plus ``prepend_bos`` (the BOS rule of the gradients) when ``grads.meta`` records it.
+        Use :func:`task_space_matrix` for a square matrix.
 
     Example:
         >>> sim = gradient_similarity(grads, top_frac=0.01)                          # doctest: +SKIP
@@ -117,6 +118,8 @@ def gradient_similarity(
                     }
                 )
     out = pd.DataFrame(rows)
+    if "prepend_bos" in grads.meta:
+        out["prepend_bos"] = grads.meta["prepend_bos"]
     out.attrs["top_frac"] = top_frac
     return out
 
