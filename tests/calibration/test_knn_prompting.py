@@ -107,3 +107,15 @@ def test_baseline_equals_a_hand_run_and_excludes_demonstrations(tiny_model):
     assert result.accuracy == pytest.approx(float((torch.tensor(expected) == test.y).double().mean()))
     (via_runner,) = run_baselines(tiny_model, task, "kp")
     assert via_runner.method == "knn-prompting"
+
+
+def test_max_anchors_is_a_class_balanced_subsample_without_demonstrations(tiny_model):
+    from vsem_lens.calibration.knn_prompting import _balanced_subsample
+
+    labels = ["a"] * 6 + ["b"] * 3
+    picked = _balanced_subsample(list(range(9)), labels, 5, seed=0)
+    assert len(picked) == 5 and sum(labels[i] == "b" for i in picked) == 2  # turns: a, b, a, b, a
+    assert picked == _balanced_subsample(list(range(9)), labels, 5, seed=0)
+    task = tiny_task().with_prompt(template="{text}\n:")
+    result = knn_prompting_baseline(tiny_model, task, shots=1, k=1, demo_max_tokens=14, max_anchors=4)
+    assert result.details["n_anchors"] == 4

@@ -6,8 +6,9 @@ the language model's **next-token distributions over the full vocabulary**.
 
 1. Demonstrations: ``shots`` training examples per class, seeded, as in the ICL baseline
    (:func:`~vsem_lens.calibration.icl.icl_demonstrations`); the same prefix for every prompt.
-2. Anchors (the datastore): every *other* training example ``x_i`` is put after the demonstrations
-   in the zero-shot template; the model's next-token distribution at the last prompt token,
+2. Anchors (the datastore): the *other* training examples ``x_i`` (at most ``max_anchors``, a seeded
+   class-balanced subsample; the authors used 128 training examples in all) are put after the
+   demonstrations in the zero-shot template; the model's next-token distribution at the last prompt token,
    ``d_i = softmax(logits)`` over all ``V`` tokens, is stored with the label ``y_i``.
 3. A query ``x`` gets its distribution ``d_q`` the same way and the ``k`` anchors closest in
    ``KL(d_i || d_q) = sum_v d_i(v) (log d_i(v) - log d_q(v))`` vote; the majority label wins.
@@ -27,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -145,11 +147,13 @@ def knn_prompting_baseline(
     demo_max_tokens: int = 64,
     max_length: int | None = None,
     batch_size: int = 4,
+    max_anchors: int | None = None,
 ) -> BaselineResult:
     """KNN prompting on a task with ``train`` and ``test`` splits (see the module docstring).
 
     Demonstrations: ``shots`` per class from train (the ICL baseline's, same ``seed``); anchors: the
-    rest of train; test prompts are shortened to ``max_length`` (default the model's context) like ICL's.
+    rest of train, or a class-balanced subsample of ``max_anchors`` of it drawn with ``seed`` (classes
+    take turns, in a seeded order within each class); test prompts are shortened to ``max_length`` (default the model's context) like ICL's.
     Wall time covers building the prefix, the anchor and test forward passes and the search.
 
     Example:
@@ -165,6 +169,8 @@ def knn_prompting_baseline(
         raise InputError(f"the {shots}-shot demonstrations leave no room for a query within {limit} tokens.")
     train, test = task.split("train"), task.split("test")
     keep = [i for i in range(len(train.texts)) if i not in demos]
+    if max_anchors is not None and check_positive_int(max_anchors, "max_anchors") < len(keep):
+        keep = _balanced_subsample(keep, train.labels, max_anchors, seed)
     if not keep:
         raise InputError("every training example is a demonstration; kNN prompting needs anchors.")
     anchor_prompts = build_prompts(model, prefix + task.template, [train.texts[i] for i in keep], max_length=limit)[0]
@@ -178,6 +184,21 @@ def knn_prompting_baseline(
         "knn-prompting", test.y, pred, task.n_classes, seconds, k=min(k, len(keep)), shots=shots,
         n_anchors=len(keep), distance="KL(anchor || query)",
     )
+
+
+def _balanced_subsample(indices: list[int], labels: list[str], n: int, seed: int) -> list[int]:
+    """``n`` of ``indices``, classes taking turns (each class's members in a seeded random order)."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(labels[i], []).append(i)
+    queues = [rng.sample(members, len(members)) for members in by_class.values()]
+    out: list[int] = []
+    while len(out) < n:
+        for queue in queues:
+            if queue and len(out) < n:
+                out.append(queue.pop(0))
+    return sorted(out)
 
 
 __all__ = ["KNNPromptingClassifier", "KP_K", "kl_anchor_to_query", "knn_prompting_baseline", "next_token_log_probs"]
