@@ -158,34 +158,34 @@ def _runtime(rows: list[dict], summary: dict) -> str:
     by = {(r["task"], r["method"]): r for r in rows}
     out = []
     for task in TASKS:
-        head, lora = by.get((task, "head:clustering")), by.get((task, "lora"))
-        if head is None or lora is None:
+        head, lora, ia3 = by.get((task, "head:clustering")), by.get((task, "lora")), by.get((task, "ia3"))
+        if head is None:
             continue
-        ia3 = by.get((task, "ia3"))
         out.append({
-            "task": task, "fit": head["fit_seconds"], "total": head["wall_time_s"],
-            "lora": lora["wall_time_s"], "ia3": ia3["wall_time_s"] if ia3 else None,
-            "fit/lora": head["fit_seconds"] / lora["wall_time_s"], "total/lora": head["wall_time_s"] / lora["wall_time_s"],
+            "task": task, "fit": fmt(head["fit_seconds"], 1), "total": fmt(head["wall_time_s"], 1),
+            "head run": f"`{head['run']}`",
+            "lora": fmt(lora["wall_time_s"], 1) if lora else "n/a", "ia3": fmt(ia3["wall_time_s"], 1) if ia3 else "n/a",
+            "ft run": ", ".join(sorted({f"`{r['run']}`" for r in (lora, ia3) if r})) or "n/a",
         })
     hours = summary["paper"]["runtime_hours"]
     ratio = hours["head:clustering"] / hours["lora"]
     table = markdown_table(out, {
-        "task": "task", "head fit (s)": lambda r: fmt(r["fit"], 1),
-        "head incl. features (s)": lambda r: fmt(r["total"], 1),
-        "LoRA, 1 epoch (s)": lambda r: fmt(r["lora"], 1), "IA3, 1 epoch (s)": lambda r: fmt(r["ia3"], 1),
-        "head fit / LoRA": lambda r: fmt(r["fit/lora"], 3), "head incl. features / LoRA": lambda r: fmt(r["total/lora"], 2),
-    })
-    return table + (f"\n\nPaper: VDS {fmt(hours['head:clustering'], 1)} h vs LoRA {fmt(hours['lora'], 1)} h, "
-                    f"ratio {fmt(ratio, 2)}.")
+        "task": "task", "head fit (s)": "fit", "head incl. features (s)": "total", "run": "head run",
+        "LoRA, 1 epoch (s)": "lora", "IA3, 1 epoch (s)": "ia3", "run ": "ft run",
+    }, align="lrrlrrl")
+    return table + (f"\n\nPaper (Llama3-8B): VDS {fmt(hours['head:clustering'], 1)} h vs LoRA "
+                    f"{fmt(hours['lora'], 1)} h, ratio {fmt(ratio, 2)}.")
 
 
-def _setup(summary: dict, runs: dict) -> str:
-    lines = [f"- Total CPU time of the runs behind the committed outputs: {fmt(summary['total_seconds'], 0)} s "
-             f"(one torch thread each, shared machine). Paired bootstrap: {summary['n_resamples']:,} resamples, "
+def _setup(summary: dict, runs: dict, data_rows: list[dict]) -> str:
+    lines = [f"- Summed wall time of the runs behind the committed outputs: {fmt(summary['total_seconds'], 0)} s "
+             f"(one torch thread each, shared machine; some runs ran side by side). Paired bootstrap: {summary['n_resamples']:,} resamples, "
              f"seed {summary['bootstrap_seed']}; head seeds {', '.join(map(str, summary['seeds']))} besides 42."]
     for run_id, meta in runs.items():
-        lines.append(f"- Run `{run_id}`: tasks {', '.join(meta['tasks'])}, {fmt(meta['seconds'], 0)} s, "
-                     f"`run.py {meta['command']}`, {meta['model']}, torch {meta['torch']}, Python {meta['python']}.")
+        command = meta["command"] if meta["command"].startswith("(") else f"`run.py {meta['command']}`"
+        rows = ", ".join(sorted({r["method"] for r in data_rows if r["run"] == run_id}))
+        lines.append(f"- Run `{run_id}`: tasks {', '.join(meta['tasks'])}, {fmt(meta['seconds'], 0)} s, {command}, "
+                     f"{meta['model']}, torch {meta['torch']}, Python {meta['python']}; rows: {rows}.")
     return "\n".join(lines)
 
 
@@ -194,10 +194,12 @@ def render(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     data = json.loads((folder / "results.json").read_text())
     rows, summary = data["rows"], data["summary"]
-    seeds = pd.read_csv(folder / "seeds.csv")
+    seeds_file = folder / "seeds.csv"
+    seeds = pd.read_csv(seeds_file) if seeds_file.stat().st_size > 1 else pd.DataFrame(
+        columns=["task", "method", "seed", "accuracy", "val_accuracy"])
     comp = pd.read_csv(folder / "comparisons.csv")
     return {
-        "setup": _setup(summary, data["runs"]),
+        "setup": _setup(summary, data["runs"], rows),
         "results": _results(rows),
         "means": _means(rows),
         "seeds": _seeds(seeds, rows),
