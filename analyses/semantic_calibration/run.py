@@ -302,7 +302,9 @@ def write_outputs(out: Path, bundle: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, seed_rows = list(bundle["rows"]), list(bundle["seeds"])
     order = {"sentiment": 0, "topic": 1, "question": 2}
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    canonical = ["zero-shot", "affinity", "cosine-knn", "knn-prompting", "probe", *HEADS, "icl", "lora", "ia3",
+                 "zero-shot (BOS)", "affinity (BOS)"]
+    methods = list(dict.fromkeys(canonical + [row["method"] for row in rows]))
     rows.sort(key=lambda row: (order.get(row["task"], 9), methods.index(row["method"])))
     seed_rows.sort(key=lambda r: (order.get(r["task"], 9), methods.index(r["method"]) if r["method"] in methods else 99, r["seed"]))
     used = {row["run"] for row in rows} | {row["run"] for row in seed_rows}

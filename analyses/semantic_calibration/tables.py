@@ -58,9 +58,15 @@ def _time(row: dict) -> str:
     return text
 
 
-def _results(rows: list[dict]) -> str:
+def _run_labels(runs: dict) -> dict[str, str]:
+    """Short labels R1, R2, ... of the runs, in the order of ``results.json`` (listed in the setup block)."""
+    return {run_id: f"R{i}" for i, run_id in enumerate(runs, start=1)}
+
+
+def _results(rows: list[dict], runs: dict) -> str:
+    labels = _run_labels(runs)
     return markdown_table(rows, {"task": "task", "method": _name, "accuracy": "accuracy", "macro-F1": "macro_f1",
-                                 "wall time (s)": _time}, align="llrrr")
+                                 "wall time (s)": _time, "run": lambda r: labels[r["run"]]}, align="llrrrl")
 
 
 def _means(rows: list[dict]) -> str:
@@ -181,10 +187,11 @@ def _setup(summary: dict, runs: dict, data_rows: list[dict]) -> str:
     lines = [f"- Summed wall time of the runs behind the committed outputs: {fmt(summary['total_seconds'], 0)} s "
              f"(one torch thread each, shared machine; some runs ran side by side). Paired bootstrap: {summary['n_resamples']:,} resamples, "
              f"seed {summary['bootstrap_seed']}; head seeds {', '.join(map(str, summary['seeds']))} besides 42."]
+    labels = _run_labels(runs)
     for run_id, meta in runs.items():
         command = meta["command"] if meta["command"].startswith("(") else f"`run.py {meta['command']}`"
         rows = ", ".join(sorted({r["method"] for r in data_rows if r["run"] == run_id}))
-        lines.append(f"- Run `{run_id}`: tasks {', '.join(meta['tasks'])}, {fmt(meta['seconds'], 0)} s, {command}, "
+        lines.append(f"- {labels[run_id]}: run `{run_id}`, tasks {', '.join(meta['tasks'])}, {fmt(meta['seconds'], 0)} s, {command}, "
                      f"{meta['model']}, torch {meta['torch']}, Python {meta['python']}; rows: {rows}.")
     return "\n".join(lines)
 
@@ -200,7 +207,7 @@ def render(folder: Path) -> dict[str, str]:
     comp = pd.read_csv(folder / "comparisons.csv")
     return {
         "setup": _setup(summary, data["runs"], rows),
-        "results": _results(rows),
+        "results": _results(rows, data["runs"]),
         "means": _means(rows),
         "seeds": _seeds(seeds, rows),
         "comparisons": _comparisons(comp),
