@@ -117,19 +117,29 @@ def _comparisons(comp: pd.DataFrame) -> str:
 def _paper(rows: list[dict], seeds: pd.DataFrame, summary: dict) -> str:
     paper = summary["paper"]
     table = pd.DataFrame(rows)
-    mean = table[table.task.isin(TASKS)].groupby("method").accuracy.mean()
+    table = table[table.task.isin(TASKS)]
+    acc = {(r.task, r.method): r.accuracy for r in table.itertuples()}
+
+    def here(method: str) -> dict:
+        tasks = [t for t in TASKS if (t, method) in acc]
+        mean = sum(acc[(t, method)] for t in tasks) / len(tasks) if tasks else None
+        head = [acc[(t, "head:clustering")] for t in tasks if (t, "head:clustering") in acc]
+        return {"here": mean, "tasks": ", ".join(tasks) or "n/a", "head": sum(head) / len(head) if head else None}
+
     seed_mean = seeds.groupby("method").accuracy.mean() if len(seeds) else pd.Series(dtype=float)
+    n_seed_tasks = ", ".join(t for t in TASKS if t in set(seeds.task)) or "n/a"
     lines = [
-        {"what": "ICL (1 shot per class here)", "paper": paper["icl"], "here": mean.get("icl")},
-        {"what": "kNN prompting (KP)", "paper": paper["knn-prompting"], "here": mean.get("knn-prompting")},
-        {"what": "VDS = the clustering head", "paper": paper["head:clustering"], "here": mean.get("head:clustering")},
-        {"what": "ablation: head with similarity (cosine) logits", "paper": paper["ablation_similarity"],
-         "here": seed_mean.get("head:clustering")},
-        {"what": "ablation: head with matmul logits", "paper": paper["ablation_matmul"],
-         "here": seed_mean.get("head:clustering (matmul logits)")},
+        {"what": "ICL (1 shot per class here)", "paper": paper["icl"], **here("icl")},
+        {"what": "kNN prompting (KP)", "paper": paper["knn-prompting"], **here("knn-prompting")},
+        {"what": "VDS = the clustering head", "paper": paper["head:clustering"], **here("head:clustering")},
+        {"what": "ablation: head with similarity (cosine) logits, seeds 1-5", "paper": paper["ablation_similarity"],
+         "here": seed_mean.get("head:clustering"), "tasks": n_seed_tasks, "head": None},
+        {"what": "ablation: head with matmul logits, seeds 1-5", "paper": paper["ablation_matmul"],
+         "here": seed_mean.get("head:clustering (matmul logits)"), "tasks": n_seed_tasks, "head": None},
     ]
-    return markdown_table(lines, {"accuracy": "what", "paper (8 tasks x 10 models)": "paper",
-                                  "here (mean over 3 tasks; ablation rows also over seeds 1-5)": "here"})
+    return markdown_table(lines, {"accuracy": "what", "paper (8 tasks x 10 models)": "paper", "here (mean)": "here",
+                                  "over the tasks": "tasks", "head (seed 42) on the same tasks": "head"},
+                          align="lrrlr")
 
 
 def _diagnostics(diagnostics: dict) -> str:
