@@ -170,7 +170,8 @@ def _facts(rows: list[dict], diagnostics: dict) -> str:
     return markdown_table(out, {key: key for key in out[0]}, align="llrlrr")
 
 
-def _runtime(rows: list[dict], summary: dict) -> str:
+def _runtime(rows: list[dict], summary: dict, runs: dict) -> str:
+    labels = _run_labels(runs)
     by = {(r["task"], r["method"]): r for r in rows}
     out = []
     for task in TASKS:
@@ -179,9 +180,9 @@ def _runtime(rows: list[dict], summary: dict) -> str:
             continue
         out.append({
             "task": task, "fit": fmt(head["fit_seconds"], 1), "total": fmt(head["wall_time_s"], 1),
-            "head run": f"`{head['run']}`",
+            "head run": labels[head["run"]],
             "lora": fmt(lora["wall_time_s"], 1) if lora else "n/a", "ia3": fmt(ia3["wall_time_s"], 1) if ia3 else "n/a",
-            "ft run": ", ".join(sorted({f"`{r['run']}`" for r in (lora, ia3) if r})) or "n/a",
+            "ft run": ", ".join(sorted({labels[r["run"]] for r in (lora, ia3) if r})) or "n/a",
         })
     hours = summary["paper"]["runtime_hours"]
     ratio = hours["head:clustering"] / hours["lora"]
@@ -193,7 +194,7 @@ def _runtime(rows: list[dict], summary: dict) -> str:
                     f"{fmt(hours['lora'], 1)} h, ratio {fmt(ratio, 2)}.")
 
 
-def _setup(summary: dict, runs: dict, data_rows: list[dict]) -> str:
+def _setup(summary: dict, runs: dict, data_rows: list[dict], seeds: pd.DataFrame) -> str:
     lines = [f"- Summed wall time of the runs behind the committed outputs: {fmt(summary['total_seconds'], 0)} s "
              f"(one torch thread each, shared machine; some runs ran side by side). Paired bootstrap: {summary['n_resamples']:,} resamples, "
              f"seed {summary['bootstrap_seed']}; head seeds {', '.join(map(str, summary['seeds']))} besides 42."]
@@ -201,6 +202,8 @@ def _setup(summary: dict, runs: dict, data_rows: list[dict]) -> str:
     for run_id, meta in runs.items():
         command = meta["command"] if meta["command"].startswith("(") else f"`run.py {meta['command']}`"
         rows = ", ".join(sorted({r["method"] for r in data_rows if r["run"] == run_id}))
+        if len(seeds) and (seeds.run == run_id).any():
+            rows = (rows + "; " if rows else "") + "seeds 1-5 of " + ", ".join(sorted(set(seeds[seeds.run == run_id].method)))
         lines.append(f"- {labels[run_id]}: run `{run_id}`, tasks {', '.join(meta['tasks'])}, {fmt(meta['seconds'], 0)} s, {command}, "
                      f"{meta['model']}, torch {meta['torch']}, Python {meta['python']}; rows: {rows}.")
     return "\n".join(lines)
@@ -216,13 +219,13 @@ def render(folder: Path) -> dict[str, str]:
         columns=["task", "method", "seed", "accuracy", "val_accuracy"])
     comp = pd.read_csv(folder / "comparisons.csv")
     return {
-        "setup": _setup(summary, data["runs"], rows),
+        "setup": _setup(summary, data["runs"], rows, seeds),
         "results": _results(rows, data["runs"]),
         "means": _means(rows),
         "seeds": _seeds(seeds, rows),
         "comparisons": _comparisons(comp),
         "paper": _paper(rows, seeds, summary),
-        "runtime": _runtime(rows, summary),
+        "runtime": _runtime(rows, summary, data["runs"]),
         "diagnostics": _diagnostics(data["diagnostics"]),
         "facts": _facts(rows, data["diagnostics"]),
     }
