@@ -1,16 +1,18 @@
-"""Baselines: zero-shot readouts, kNN, the logistic probe, ICL, LoRA/IA3 (tiny model only)."""
+"""Baselines: zero-shot readouts, cosine kNN, the logistic probe, ICL, LoRA/IA3 (tiny model only)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _tasks import separable, tiny_task
 
 import vsem_lens as vl
 from vsem_lens.calibration.baselines import parse_baselines, run_baselines
+from vsem_lens.calibration.cosine_knn import CosineKNNClassifier
+from vsem_lens.calibration.features import extract_features, label_token_ids
 from vsem_lens.calibration.finetune import finetune_baseline, fresh_hf_model
 from vsem_lens.calibration.icl import icl_baseline, icl_prefix
-from vsem_lens.calibration.knn import KNNClassifier
 from vsem_lens.calibration.probe import LogisticRegressionProbe
 from vsem_lens.calibration.results import results_table
 from vsem_lens.calibration.threads import torch_threads
@@ -33,28 +35,54 @@ def test_probe_and_knn_on_separable_points():
     warm = LogisticRegressionProbe(l2=1e-3).fit(X, y, warm_start=probe)
     cold = LogisticRegressionProbe(l2=1e-3).fit(X, y)
     assert torch.allclose(warm.decision_function(Xt).softmax(1), cold.decision_function(Xt).softmax(1), atol=1e-3)
-    knn = KNNClassifier(k=5).fit(X, y)
+    knn = CosineKNNClassifier(k=5).fit(X, y)
     assert float((knn.predict(Xt) == yt).double().mean()) == 1.0
     # Ties between classes go to the more similar neighbours.
-    tie = KNNClassifier(k=2).fit(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    tie = CosineKNNClassifier(k=2).fit(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
     assert tie.predict(torch.tensor([[0.2, 1.0]])).tolist() == [1]
     with pytest.raises(vl.core.InputError):
-        KNNClassifier(k=0)
+        CosineKNNClassifier(k=0)
     with pytest.raises(vl.core.InputError):
         LogisticRegressionProbe(l2=-1.0)
 
 
-def test_cheap_baselines_on_the_tiny_model(tiny_model):
+def _last_logits(model, prompt: str) -> torch.Tensor:
+    return model.forward(model.tokenize([prompt]))[0, -1].double()
+
+
+def test_cheap_baselines_equal_independent_computations(tiny_model):
     task = tiny_task()
     results = run_baselines(tiny_model, task, "zero-shot,affinity,knn,probe")
     table = results_table(results)
-    assert table["method"].tolist() == ["zero-shot", "affinity", "knn", "probe"]
-    assert table["accuracy"].between(0, 1).all() and table["macro_f1"].between(0, 1).all()
+    assert table["method"].tolist() == ["zero-shot", "affinity", "cosine-knn", "probe"]
     assert (table["wall_time_s"] > 0).all()
     by_name = {r.method: r for r in results}
-    assert by_name["knn"].details["k"] in (1, 3, 5, 7, 9, 15, 25)
+    splits = {s: task.split(s) for s in ("train", "validation", "test")}
+    test = splits["test"]
+    ids = label_token_ids(tiny_model, task.label_words)
+    # zero-shot: argmax of the model's own last-position logits over the label tokens, one prompt at a time
+    zero = [int(_last_logits(tiny_model, task.template.replace("{text}", t))[ids].argmax()) for t in test.texts]
+    assert by_name["zero-shot"].predictions.tolist() == zero
+    assert by_name["zero-shot"].accuracy == pytest.approx(np.mean(np.array(zero) == test.y.numpy()))
+    # affinity: argmax cosine (float64, numpy) of the LM-head input to the label bases
+    feats = {s: extract_features(tiny_model, t, cache=False, progress=False) for s, t in splits.items()}
+    bases = vl.SemanticBasis.from_model(tiny_model).for_words(task.label_words).double().numpy()
+    h = feats["test"].X.double().numpy()
+    cos = (h / np.linalg.norm(h, axis=1, keepdims=True)) @ (bases / np.linalg.norm(bases, axis=1, keepdims=True)).T
+    assert by_name["affinity"].predictions.tolist() == cos.argmax(1).tolist()
+    # cosine kNN: a hand loop over neighbours with the k chosen on validation
+    k = by_name["cosine-knn"].details["k"]
+    train = feats["train"].X.double().numpy()
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    votes = []
+    for row in h / np.linalg.norm(h, axis=1, keepdims=True):
+        sims = train @ row
+        nearest = np.argsort(-sims, kind="stable")[: min(k, len(train))]
+        labels = splits["train"].y.numpy()[nearest]
+        count = np.bincount(labels, minlength=2).astype(float) + 1e-6 * np.bincount(labels, sims[nearest], minlength=2)
+        votes.append(int(count.argmax()))
+    assert by_name["cosine-knn"].predictions.tolist() == votes
     assert by_name["probe"].details["l2"] > 0
-    assert len(by_name["zero-shot"].predictions) == 8
 
 
 def test_icl_prompt_and_baseline(tiny_model):
@@ -63,8 +91,14 @@ def test_icl_prompt_and_baseline(tiny_model):
     prefix = icl_prefix(tiny_model, task, shots=1, seed=0, demo_max_tokens=14)
     assert prefix.count("\n: cat\n\n") == 1 and prefix.count("\n: apples\n\n") == 1
     assert prefix == icl_prefix(tiny_model, task, shots=1, seed=0, demo_max_tokens=14)
-    result = icl_baseline(tiny_model, task, shots=1, demo_max_tokens=14)
-    assert 0 <= result.accuracy <= 1 and result.details["prefix_tokens"] < tiny_model.n_ctx
+    result = icl_baseline(tiny_model, task, shots=1, demo_max_tokens=14, cache=False)
+    assert result.details["prefix_tokens"] < tiny_model.n_ctx
+    # independent: the prefix + each test prompt through the model, argmax over the label tokens
+    ids = label_token_ids(tiny_model, task.label_words)
+    prefix = icl_prefix(tiny_model, task, shots=1, seed=42, demo_max_tokens=14)
+    test = task.split("test")
+    expected = [int(_last_logits(tiny_model, prefix + t + "\n:")[ids].argmax()) for t in test.texts]
+    assert result.predictions.tolist() == expected
     with pytest.raises(vl.core.InputError, match="leaving no room"):
         icl_baseline(tiny_model, task, shots=3, demo_max_tokens=14)
     with pytest.raises(vl.core.InputError, match="fewer than shots"):
@@ -80,23 +114,51 @@ def test_fresh_copy_equals_the_hooked_model(tiny_model):
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(hf.parameters(), tiny_model.bridge.parameters()))
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_lora_and_ia3_train_a_copy_and_leave_the_model_alone(tiny_model, method):
+def _train_loss(hf, model, task) -> float:
+    """Cross-entropy over the label-token logits at the last prompt token, on the train split (float64)."""
+    train = task.split("train")
+    ids = label_token_ids(model, task.label_words)
+    losses = []
+    with torch.no_grad():
+        for text, label in zip(train.texts, train.y.tolist()):
+            tokens = model.tokenize([task.template.replace("{text}", text)])
+            logits = hf(input_ids=tokens.ids).logits[0, -1, ids].double()
+            losses.append(float(torch.logsumexp(logits, 0) - logits[label]))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("method, lr, marker", [("lora", 5e-3, "lora_"), ("ia3", 5e-2, "ia3_")])
+def test_lora_and_ia3_lower_the_loss_train_only_adapters_and_leave_the_model_alone(tiny_model, method, lr, marker):
     task = tiny_task()
     tokens = tiny_model.tokenize(task.prompts()[:3])
     before = tiny_model.forward(tokens)
-    result = finetune_baseline(tiny_model, task, method, epochs=2, batch_size=4, max_length=32)
-    assert torch.equal(tiny_model.forward(tokens), before)
-    assert 0 <= result.accuracy <= 1 and result.wall_time_s > 0
-    assert result.details["steps"] == 6 and result.details["trainable_params"] > 0
-    assert result.details["final_train_loss"] == result.details["final_train_loss"]  # not NaN
+    hf = fresh_hf_model(tiny_model)
+    initial = {name: p.detach().clone() for name, p in hf.named_parameters()}
+    loss_before = _train_loss(hf, tiny_model, task)
+    result = finetune_baseline(tiny_model, task, method, epochs=3, lr=lr, batch_size=4, max_length=32,
+                               hf_factory=lambda: hf)
+    assert torch.equal(tiny_model.forward(tokens), before)  # the shared hooked model is untouched
+    # peft wrapped `hf` in place: base weights keep their values, adapter weights moved
+    after = dict(hf.named_parameters())
+    adapters = [name for name in after if marker in name]
+    assert adapters and result.details["trainable_params"] == sum(after[n].numel() for n in adapters)
+    for name, value in after.items():
+        base = name.replace(".base_layer", "")
+        if marker in name:
+            continue
+        assert torch.equal(value, initial[base]), name
+    assert any(not torch.equal(after[n], torch.ones_like(after[n])) and not torch.equal(after[n], torch.zeros_like(after[n]))
+               for n in adapters)
+    assert _train_loss(hf, tiny_model, task) < loss_before  # training lowered the training loss
+    assert result.details["steps"] == 9
     with pytest.raises(vl.core.InputError, match="unknown fine-tuning"):
         finetune_baseline(tiny_model, task, "prefix")
 
 
 def test_parse_baselines():
-    assert parse_baselines("all") == ["zero-shot", "affinity", "knn", "probe", "icl", "lora", "ia3"]
-    assert parse_baselines("none") == [] and parse_baselines("matmul,knn,knn") == ["zero-shot", "knn"]
+    assert parse_baselines("all") == ["zero-shot", "affinity", "cosine-knn", "knn-prompting", "probe", "icl", "lora", "ia3"]
+    assert parse_baselines("none") == [] and parse_baselines("matmul,knn,cosine-knn") == ["zero-shot", "cosine-knn"]
+    assert parse_baselines("kp") == ["knn-prompting"]
     with pytest.raises(vl.core.InputError, match="unknown baseline"):
         parse_baselines("zero-shot,svm")
 

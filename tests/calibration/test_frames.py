@@ -9,8 +9,8 @@ from _tasks import tiny_task
 
 import vsem_lens as vl
 from vsem_lens.calibration import CalibratedModel, run_baselines
+from vsem_lens.calibration.cosine_knn import cosine_knn_baseline
 from vsem_lens.calibration.features import extract_features
-from vsem_lens.calibration.knn import knn_baseline
 from vsem_lens.calibration.threads import torch_threads
 from vsem_lens.calibration.zero_shot import zero_shot_affinity
 from vsem_lens.core.errors import ArtifactError, InputError
@@ -115,7 +115,7 @@ def test_run_baselines_through_a_custom_lens_and_the_tuned_frame(tiny_model):
     (knn,) = run_baselines(tiny_model, task, "knn", layer=1, frame=lens, cache=False)
     feats = {s: extract_features(tiny_model, task.split(s), layer=1, frame=lens, cache=False, progress=False)
              for s in ("train", "validation", "test")}
-    by_hand = knn_baseline(feats["train"], task.split("train").y, feats["validation"], task.split("validation").y,
+    by_hand = cosine_knn_baseline(feats["train"], task.split("train").y, feats["validation"], task.split("validation").y,
                            feats["test"], task.split("test").y, n_classes=task.n_classes)
     assert torch.equal(knn.predictions, by_hand.predictions) and knn.details["k"] == by_hand.details["k"]
     plain = run_baselines(tiny_model, task, "knn,probe", layer=1)

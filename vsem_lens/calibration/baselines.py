@@ -8,7 +8,10 @@ name            what it does
 =============== ======================================================================================
 zero-shot       the model's next-token logits over the label tokens (matmul: ``LN_f(h) W_U + b_U``)
 affinity        cosine of the LM-head input to the label tokens' semantic bases (docs/concepts/affinity.md)
-knn             cosine k-nearest neighbours on the prompt features; k chosen on validation
+cosine-knn      cosine k-nearest neighbours on the prompt features (hidden states); k chosen on validation
+knn-prompting   kNN prompting (Xu et al. 2023): the next-token distributions over the full vocabulary of
+                the training examples after ICL demonstrations are the datastore; the k = 3 anchors
+                with the smallest KL(anchor || query) vote (:mod:`~vsem_lens.calibration.knn_prompting`)
 probe           multinomial logistic regression (L2) on standardised features; strength chosen on
                 validation; full-batch L-BFGS in float64 (torch; no scikit-learn needed)
 icl             few-shot in-context learning: ``shots`` demonstrations per class from train, drawn and
@@ -38,20 +41,24 @@ from ..core.models import HookedModel
 from ..lenses.base import Lens
 from ..lenses.frames import lens_identity, resolve_frame
 from ..readout.basis import SemanticBasis
+from .cosine_knn import cosine_knn_baseline
 from .datasets import TextClassificationTask
 from .features import Features, extract_features
 from .finetune import finetune_baseline
 from .icl import icl_baseline
-from .knn import knn_baseline
+from .knn_prompting import knn_prompting_baseline
 from .probe import probe_baseline
 from .results import BaselineResult
 from .zero_shot import zero_shot_affinity, zero_shot_matmul
 
-BASELINES = ("zero-shot", "affinity", "knn", "probe", "icl", "lora", "ia3")
+BASELINES = ("zero-shot", "affinity", "cosine-knn", "knn-prompting", "probe", "icl", "lora", "ia3")
 
 
 def parse_baselines(spec: str | Sequence[str] | None) -> list[str]:
-    """Parse a baseline list: ``"zero-shot,knn"``, ``"all"`` or ``"none"``.
+    """Parse a baseline list: ``"zero-shot,cosine-knn"``, ``"all"`` or ``"none"``.
+
+    Aliases: ``knn`` = ``cosine-knn`` (its former name), ``kp`` = ``knn-prompting``, ``matmul`` =
+    ``zero-shot``, ``lr`` = ``probe``.
 
     Example:
         >>> parse_baselines("zero-shot, probe"), parse_baselines("none")
@@ -64,7 +71,8 @@ def parse_baselines(spec: str | Sequence[str] | None) -> list[str]:
         return []
     if names == ["all"]:
         return list(BASELINES)
-    aliases = {"zeroshot": "zero-shot", "zero_shot": "zero-shot", "matmul": "zero-shot", "kp": "knn", "lr": "probe"}
+    aliases = {"zeroshot": "zero-shot", "zero_shot": "zero-shot", "matmul": "zero-shot",
+               "knn": "cosine-knn", "kp": "knn-prompting", "lr": "probe"}
     out = []
     for name in names:
         name = aliases.get(name, name)
@@ -78,7 +86,7 @@ def parse_baselines(spec: str | Sequence[str] | None) -> list[str]:
 def run_baselines(
     model: HookedModel,
     task: TextClassificationTask,
-    names: str | Sequence[str] = ("zero-shot", "affinity", "knn", "probe"),
+    names: str | Sequence[str] = ("zero-shot", "affinity", "cosine-knn", "probe"),
     *,
     layer: int = -1,
     frame: str | Lens = "final_norm",
@@ -95,12 +103,12 @@ def run_baselines(
 
     The zero-shot baseline reads the model's own label logits (the same for any ``layer``/``frame``),
     the affinity baseline the last layer in the ``final_norm`` frame; kNN and the probe use the
-    features of ``layer``/``frame`` (the head's input). ``frame`` is a frame name or a
+    features of ``layer``/``frame`` (the head's input); kNN prompting and ICL read the model's output. ``frame`` is a frame name or a
     :class:`~vsem_lens.lenses.base.Lens` (:func:`~vsem_lens.lenses.frames.resolve_frame`; ``lens`` is the tuned
     lens for ``frame="tuned"``); ``cache`` reads and writes the feature cache (a custom lens needs ``False``).
 
     Example:
-        >>> rows = run_baselines(model, load_task("topic"), "zero-shot,affinity,knn,probe")  # doctest: +SKIP
+        >>> rows = run_baselines(model, load_task("topic"), "zero-shot,affinity,cosine-knn,probe")  # doctest: +SKIP
     """
     names = parse_baselines(names)
     head_lens = resolve_frame(frame, model, lens=lens)
@@ -125,13 +133,15 @@ def run_baselines(
         elif name == "affinity":
             bases = SemanticBasis.from_model(model).for_words(task.label_words)
             results.append(zero_shot_affinity(get("test", -1, resolve_frame("final_norm", model)), bases, y["test"]))
-        elif name in ("knn", "probe"):
-            fn = knn_baseline if name == "knn" else probe_baseline
+        elif name in ("cosine-knn", "probe"):
+            fn = cosine_knn_baseline if name == "cosine-knn" else probe_baseline
             args = [get("train", layer, head_lens), y["train"], get("validation", layer, head_lens), y["validation"],
                     get("test", layer, head_lens), y["test"]]
             results.append(fn(*args, n_classes=task.n_classes))
         elif name == "icl":
             results.append(icl_baseline(model, task, shots=shots, seed=seed, progress=progress))
+        elif name == "knn-prompting":
+            results.append(knn_prompting_baseline(model, task, shots=shots, seed=seed))
         else:
             results.append(
                 finetune_baseline(model, task, name, epochs=finetune_epochs, max_length=finetune_max_length,

@@ -33,7 +33,13 @@ Variants: ``channel_attention=False`` gives ``LN(MLP(r))``; ``head="prototype"``
 prototype: an encoder MLP (d -> 2d -> d) whose output is classified, a decoder MLP (d -> 2d -> d) that
 reconstructs ``r``, loss = CE + ``recon_weight`` * MSE (reconstruction of ``r``).
 
-**Loss.** Cross-entropy over ``scale * cos(lambda(r), s_k)`` for the label bases ``s_k``. The scale
+**Similarity.** ``similarity="cosine"`` (default, the paper's similarity logits) scores a class by
+``cos(lambda(r), s_k)``; ``similarity="matmul"`` by the dot product ``lambda(r) . s_k`` (the paper's
+matmul ablation: the same head with unnormalised logits; with the bases' own norms, so classes with a
+longer basis get larger logits). Training, ``decision_function``, ``predict_proba`` and ``predict`` all
+use the chosen score.
+
+**Loss.** Cross-entropy over ``scale * score(lambda(r), s_k)`` for the label bases ``s_k``. The scale
 (inverse temperature) matters: cosines lie in [-1, 1], so without it (the paper's and the prototype's
 softmax over raw cosines) the best attainable probability of the right class among k is
 ``e / (e + (k - 1) / e)`` (0.88 for two classes, 0.71 for four), the loss is bounded far from zero and
@@ -86,6 +92,7 @@ from .head_modules import HEADS, build_head_module, split_head_input
 from .threads import torch_threads
 
 MAX_SCALE = 100.0
+SIMILARITIES = ("cosine", "matmul")
 
 # -- the head ------------------------------------------------------------------------------------
 class NeuralClusteringHead:
@@ -96,6 +103,8 @@ class NeuralClusteringHead:
             ``SemanticBasis.from_model(model).for_words(task.label_words)``.
         classes: class names (default ``"0"..."k-1"``); ``y`` may be given as indices or names.
         head: ``"clustering"`` (the paper's module) or ``"prototype"`` (encoder/decoder + MSE).
+        similarity: class score ``"cosine"`` (default) or ``"matmul"`` (dot product with the basis);
+            the logits are ``scale * score``.
         channel_attention: use the CA gate (clustering head only).
         reduction: bottleneck ratio of the gate (paper 16).
         temperature: initial softmax temperature over cosines (scale = 1/temperature; default 0.05).
@@ -132,6 +141,7 @@ class NeuralClusteringHead:
         *,
         classes: Sequence[str] | None = None,
         head: str = "clustering",
+        similarity: str = "cosine",
         channel_attention: bool = True,
         reduction: int = 16,
         temperature: float = 0.05,
@@ -163,6 +173,9 @@ class NeuralClusteringHead:
         if head not in HEADS:
             raise InputError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}.")
         self.head = head
+        if similarity not in SIMILARITIES:
+            raise InputError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}.")
+        self.similarity = similarity
         self.channel_attention = bool(channel_attention)
         self.reduction = check_positive_int(reduction, "reduction")
         self.temperature = positive_float(temperature, "temperature")
@@ -212,6 +225,7 @@ class NeuralClusteringHead:
         return {
             "classes": self.classes,
             "head": self.head,
+            "similarity": self.similarity,
             "channel_attention": self.channel_attention,
             "reduction": self.reduction,
             "temperature": self.temperature,
@@ -251,12 +265,15 @@ class NeuralClusteringHead:
     def _scale(self) -> Tensor:
         return self.log_scale_.exp().clamp(max=MAX_SCALE)
 
-    def _cosines(self, z: Tensor) -> Tensor:
+    def _scores(self, z: Tensor) -> Tensor:
+        """``[n, k]`` class scores of the head outputs: cosines or dot products with the bases."""
+        if self.similarity == "matmul":
+            return z @ self.label_bases.T
         return F.normalize(z, dim=-1) @ F.normalize(self.label_bases, dim=-1).T
 
     def _losses(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
         z, recon = self.module_(xb)
-        logits = self._scale() * self._cosines(z)
+        logits = self._scale() * self._scores(z)
         loss = F.cross_entropy(logits, yb)
         if recon is not None and self.recon_weight > 0:
             loss = loss + self.recon_weight * F.mse_loss(recon, split_head_input(xb)[0])
@@ -380,7 +397,7 @@ class NeuralClusteringHead:
         self.module_.eval()
         with torch.no_grad():
             z, _ = self.module_(X)
-            logits = self._scale() * self._cosines(z)
+            logits = self._scale() * self._scores(z)
             loss = float(F.cross_entropy(logits, y))
             acc = float((logits.argmax(dim=1) == y).double().mean())
         return loss, acc
@@ -431,16 +448,16 @@ class NeuralClusteringHead:
             return self.module_(X)[0]
 
     def decision_function(self, X: Float[Tensor, "n ..."]) -> Float[Tensor, "n k"]:
-        """Cosines of ``lambda(r)`` to each label basis.
+        """Class scores of ``lambda(r)``: cosines to each label basis (dot products for ``similarity="matmul"``).
 
         Example:
             >>> head.decision_function(X_test).shape  # doctest: +SKIP
             torch.Size([120, 2])
         """
-        return self._cosines(self.transform(X))
+        return self._scores(self.transform(X))
 
     def predict_proba(self, X: Float[Tensor, "n ..."]) -> Float[Tensor, "n k"]:
-        """Class probabilities ``softmax(scale * cos)`` (scale = the learned inverse temperature).
+        """Class probabilities ``softmax(scale * score)`` (scale = the learned inverse temperature).
 
         Example:
             >>> head.predict_proba(X_test).sum(1)  # doctest: +SKIP
@@ -449,7 +466,7 @@ class NeuralClusteringHead:
             return torch.softmax(self._scale() * self.decision_function(X), dim=-1)
 
     def predict(self, X: Float[Tensor, "n ..."]) -> Int[Tensor, " n"]:
-        """Class index of each input: argmax of the cosine to the label bases."""
+        """Class index of each input: argmax of the score (cosine by default) to the label bases."""
         return self.decision_function(X).argmax(dim=-1)
 
     def predict_labels(self, X: Float[Tensor, "n ..."]) -> list[str]:
@@ -512,7 +529,7 @@ class NeuralClusteringHead:
     def __repr__(self) -> str:
         state = "fitted" if self.module_ is not None else "not fitted"
         return (
-            f"NeuralClusteringHead(head={self.head!r}, channel_attention={self.channel_attention}, "
+            f"NeuralClusteringHead(head={self.head!r}, similarity={self.similarity!r}, channel_attention={self.channel_attention}, "
             f"k={self.n_classes}, d={self.d_model}, {state})"
         )
 

@@ -30,21 +30,33 @@ def icl_prefix(
         <BLANKLINE>
         Review: ...
     """
+    train = task.split("train")
+    parts = []
+    for i in icl_demonstrations(task, shots=shots, seed=seed):
+        prompt = build_prompts(model, task.template, [train.texts[i]], max_length=demo_max_tokens)[0][0]
+        parts.append(f"{prompt} {task.verbalizer[train.labels[i]]}\n\n")
+    return "".join(parts)
+
+
+def icl_demonstrations(task: TextClassificationTask, *, shots: int = 1, seed: int = 42) -> list[int]:
+    """Indices (into ``task.split("train")``) of the demonstrations, in prompt order: ``shots``
+    examples per class drawn with ``random.Random(seed)``, then shuffled with the same generator.
+
+    Example:
+        >>> icl_demonstrations(load_task("sentiment"), shots=1)  # doctest: +SKIP
+        [211, 17]
+    """
     check_positive_int(shots, "shots")
     train = task.split("train")
     rng = random.Random(seed)
-    demos: list[tuple[str, str]] = []
+    demos: list[int] = []
     for label in task.label_names:
         members = [i for i, lab in enumerate(train.labels) if lab == label]
         if len(members) < shots:
             raise InputError(f"class {label!r} has {len(members)} training example(s), fewer than shots={shots}.")
-        demos += [(train.texts[i], label) for i in rng.sample(members, shots)]
+        demos += rng.sample(members, shots)
     rng.shuffle(demos)
-    parts = []
-    for text, label in demos:
-        prompt = build_prompts(model, task.template, [text], max_length=demo_max_tokens)[0][0]
-        parts.append(f"{prompt} {task.verbalizer[label]}\n\n")
-    return "".join(parts)
+    return demos
 
 
 def icl_baseline(
@@ -89,4 +101,4 @@ def icl_baseline(
     return baseline_result("icl", test.y, pred, task.n_classes, seconds, shots=shots, prefix_tokens=prefix_tokens)
 
 
-__all__ = ["icl_baseline", "icl_prefix"]
+__all__ = ["icl_baseline", "icl_demonstrations", "icl_prefix"]

@@ -259,8 +259,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the head, the splits and ICL (default 42)")
     parser.add_argument("--istar-weight", type=float, default=0.0, help="I-STAR weight on the head outputs (default 0 = off)")
     parser.add_argument("--istar-zeta", type=float, default=0.2, help="I-STAR shrinkage zeta (default 0.2)")
-    parser.add_argument("--baselines", default="zero-shot,affinity,knn,probe",
-                        help="comma list of zero-shot,affinity,knn,probe,icl,lora,ia3 | all | none (default: the four cheap ones)")
+    parser.add_argument("--baselines", default="zero-shot,affinity,cosine-knn,probe",
+                        help="comma list of zero-shot,affinity,cosine-knn,knn-prompting,probe,icl,lora,ia3 | all | none "
+                             "(default: the four cheap ones; knn = cosine-knn, kp = knn-prompting)")
     parser.add_argument("--shots", type=int, default=1, help="ICL demonstrations per class (default 1)")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="LoRA/IA3 epochs over train (default 1)")
     parser.add_argument("--threads", default=None, help="torch threads (default: torch's choice)")

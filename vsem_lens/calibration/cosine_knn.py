@@ -1,8 +1,11 @@
-"""The k-nearest-neighbour baseline: a cosine kNN classifier on the prompt features, k chosen on
-validation.
+"""The cosine kNN baseline: a cosine k-nearest-neighbour classifier on the prompt features (hidden
+states), k chosen on validation.
+
+Not to be confused with kNN prompting (Xu et al. 2023; :mod:`vsem_lens.calibration.knn_prompting`),
+whose neighbours are found among next-token *distributions over the vocabulary* by KL divergence.
 
 Example:
-    >>> KNNClassifier(k=1).fit(torch.eye(2, 3), torch.tensor([0, 1])).predict(torch.eye(2, 3)).tolist()
+    >>> CosineKNNClassifier(k=1).fit(torch.eye(2, 3), torch.tensor([0, 1])).predict(torch.eye(2, 3)).tolist()
     [0, 1]
 """
 
@@ -22,7 +25,7 @@ from .results import BaselineResult, as_matrix, baseline_result
 from .threads import torch_threads
 
 
-class KNNClassifier:
+class CosineKNNClassifier:
     """Cosine k-nearest-neighbour classifier: majority vote, ties broken by summed similarity.
 
     Args:
@@ -30,7 +33,7 @@ class KNNClassifier:
         n_classes: number of classes (default: the largest training label + 1).
 
     Example:
-        >>> knn = KNNClassifier(k=1).fit(torch.eye(2, 3), torch.tensor([0, 1]))
+        >>> knn = CosineKNNClassifier(k=1).fit(torch.eye(2, 3), torch.tensor([0, 1]))
         >>> knn.predict(torch.tensor([[0.9, 0.1, 0.0]])).tolist()
         [0]
     """
@@ -39,7 +42,7 @@ class KNNClassifier:
         check_positive_int(k, "k")
         self.k, self.n_classes = k, n_classes
 
-    def fit(self, X: Float[Tensor, "n d"], y: Int[Tensor, " n"]) -> "KNNClassifier":
+    def fit(self, X: Float[Tensor, "n d"], y: Int[Tensor, " n"]) -> "CosineKNNClassifier":
         """Store the L2-normalised training rows and their labels; returns ``self``."""
         X = as_matrix(X, "X")
         self.X_ = F.normalize(X.double(), dim=1)
@@ -61,14 +64,14 @@ class KNNClassifier:
         return (votes + 1e-6 * weight).argmax(dim=1)
 
 
-def knn_baseline(
+def cosine_knn_baseline(
     f_train: Features, y_train: Tensor, f_val: Features, y_val: Tensor, f_test: Features, y_test: Tensor,
     *, ks: Sequence[int] = (1, 3, 5, 7, 9, 15, 25), n_classes: int | None = None,
 ) -> BaselineResult:
-    """KNN on the last-token prompt features; k picked on validation accuracy (ties: smaller k).
+    """Cosine kNN on the last-token prompt features; k picked on validation accuracy (ties: smaller k).
 
     Example:
-        >>> knn_baseline(f_tr, y_tr, f_va, y_va, f_te, y_te).details["k"]  # doctest: +SKIP
+        >>> cosine_knn_baseline(f_tr, y_tr, f_va, y_va, f_te, y_te).details["k"]  # doctest: +SKIP
         7
     """
     with torch_threads(1):
@@ -78,7 +81,7 @@ def knn_baseline(
 def _knn(f_train, y_train, f_val, y_val, f_test, y_test, ks, n_classes) -> BaselineResult:
     started = time.perf_counter()
     k_classes = n_classes or int(max(y_train.max(), y_val.max(), y_test.max())) + 1
-    knn = KNNClassifier(n_classes=k_classes).fit(f_train.X, y_train)
+    knn = CosineKNNClassifier(n_classes=k_classes).fit(f_train.X, y_train)
     best_k, best_acc = None, -1.0
     for k in ks:
         acc = float((knn.predict(f_val.X, k) == y_val).double().mean())
@@ -86,7 +89,7 @@ def _knn(f_train, y_train, f_val, y_val, f_test, y_test, ks, n_classes) -> Basel
             best_k, best_acc = k, acc
     pred = knn.predict(f_test.X, best_k)
     seconds = f_train.seconds + f_val.seconds + f_test.seconds + time.perf_counter() - started
-    return baseline_result("knn", y_test, pred, k_classes, seconds, k=best_k, val_accuracy=best_acc)
+    return baseline_result("cosine-knn", y_test, pred, k_classes, seconds, k=best_k, val_accuracy=best_acc)
 
 
-__all__ = ["KNNClassifier", "knn_baseline"]
+__all__ = ["CosineKNNClassifier", "cosine_knn_baseline"]
