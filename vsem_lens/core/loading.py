@@ -367,6 +367,7 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    named_by_artifact = local_only
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     if not (local_only or offline or Path(path).expanduser().is_dir()) and not _hub_reachable():
         local_only = True  # no network: use the HF cache at once instead of ~50 s of retries before failing
@@ -379,10 +380,10 @@ def _from_pretrained(
         )
     except OSError as exc:
         where = (
-            "the hub cannot be reached from here (or offline mode is on, HF_HUB_OFFLINE=1)"
+            "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
+            if named_by_artifact
+            else "the hub cannot be reached from here (or offline mode is on, HF_HUB_OFFLINE=1)"
             if offline
-            else "it was named by a saved artifact, which never triggers a download (pass the model explicitly)"
-            if local_only
             else "the hub may be unreachable"
         )
         raise ModelLoadError(

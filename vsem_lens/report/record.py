@@ -189,7 +189,16 @@ def _is_report_dir(path: Path) -> bool:
 
 
 class ReportWriteError(VsemLensError):
-    """The report could not be written (disk full, permissions changed midway, ...)."""
+    """The report could not be written (disk full, permissions changed midway, ...).
+
+    An earlier report in the folder is untouched, and a checkpointed run keeps its checkpoint.
+
+    Example:
+        >>> try:
+        ...     report.save("/full-disk/report")          # doctest: +SKIP
+        ... except ReportWriteError as exc:               # doctest: +SKIP
+        ...     print(exc)                                # doctest: +SKIP
+    """
 
 
 def check_report_destination(out_dir: str | os.PathLike) -> Path:
