@@ -15,6 +15,13 @@ from vsem_lens.core.errors import VsemLensError
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park"]
 WRONG_INTEGERS = [2.5, "2", True, None, [2]]
+CALLS = [
+    "capture(layers=)", "capture(batch_size=)", "capture(max_length=)", "layerwise_affinity(k=)",
+    "layerwise_affinity(layers=)", "iter_layer_readouts(batch_size=)", "iter_layer_readouts(k=)",
+    "isotropy_by_layer(k_outliers=)", "isotropy_by_layer(batch_size=)", "isotropy_by_layer(layers=)",
+    "build_report(max_tokens=)", "build_report(batch_size=)", "basis.project(layer=)", "basis.for_tokens()",
+    "logit_lens(layer=)",
+]
 
 
 def _calls(model, basis):
@@ -41,17 +48,15 @@ def _calls(model, basis):
 
 @pytest.fixture(scope="module")
 def api(tiny_model):
-    return _calls(tiny_model, vl.SemanticBasis.from_model(tiny_model, cache=False))
+    calls = _calls(tiny_model, vl.SemanticBasis.from_model(tiny_model, cache=False))
+    assert sorted(calls) == sorted(CALLS)
+    return calls
 
 
 @pytest.mark.parametrize("value", WRONG_INTEGERS, ids=repr)
 @pytest.mark.parametrize(
     "call",
-    ["capture(layers=)", "capture(batch_size=)", "capture(max_length=)", "layerwise_affinity(k=)",
-     "layerwise_affinity(layers=)", "iter_layer_readouts(batch_size=)", "iter_layer_readouts(k=)",
-     "isotropy_by_layer(k_outliers=)", "isotropy_by_layer(batch_size=)", "isotropy_by_layer(layers=)",
-     "build_report(max_tokens=)", "build_report(batch_size=)", "basis.project(layer=)", "basis.for_tokens()",
-     "logit_lens(layer=)"],
+    CALLS,
 )
 def test_wrong_integer_types_are_clear_errors(api, call, value):
     if value is None and call.split("(")[1] in ("layers=)", "max_length=)", "max_tokens=)", "layer=)"):
@@ -64,11 +69,7 @@ def test_wrong_integer_types_are_clear_errors(api, call, value):
 
 @pytest.mark.parametrize(
     "call",
-    ["capture(layers=)", "capture(batch_size=)", "capture(max_length=)", "layerwise_affinity(k=)",
-     "layerwise_affinity(layers=)", "iter_layer_readouts(batch_size=)", "iter_layer_readouts(k=)",
-     "isotropy_by_layer(k_outliers=)", "isotropy_by_layer(batch_size=)", "isotropy_by_layer(layers=)",
-     "build_report(max_tokens=)", "build_report(batch_size=)", "basis.project(layer=)", "basis.for_tokens()",
-     "logit_lens(layer=)"],
+    CALLS,
 )
 def test_numpy_integers_are_accepted(api, call):
     value = np.int64(2 if "max" not in call else 64)
