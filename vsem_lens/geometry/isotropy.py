@@ -38,8 +38,8 @@ def isotropy_by_layer(
 
     One pass of :func:`~vsem_lens.core.capture.iter_capture` feeds an :class:`IsotropyState` with a
     float64 mean/covariance and a sum of unit vectors per (site, layer, frame): memory is O(d^2) per
-    key whatever the corpus size, and the result does not depend on ``batch_size``. Padding never
-    enters (capture removes it). Tokenisation follows the model's rule (see :mod:`vsem_lens.core.models`).
+    key whatever the corpus size, and the result does not depend on ``batch_size`` beyond the float32
+    rounding of attention on padded batches. Padding never enters (capture removes it). Tokenisation follows the model's rule (see :mod:`vsem_lens.core.models`).
 
     Frames: ``raw`` is the activation as captured; ``final_norm`` applies the model's own final norm to
     each token vector (the logit-lens frame, where the semantic bases live); ``tuned`` applies the
