@@ -308,7 +308,8 @@ def test_embedded_tuned_lens_short_fit(embedded):
         "Water boils at one hundred degrees Celsius at sea level.",
         "She opened the door, looked outside, and saw that it was raining.",
     ]
-    lens = TunedLens.fit(embedded, texts, steps=3, tokens_per_step=48, unembed_dtype="bfloat16", progress=False)
+    # float32: CPUs without native bfloat16 emulate it slowly; the bfloat16 path is tested on the tiny model.
+    lens = TunedLens.fit(embedded, texts, steps=3, tokens_per_step=48, progress=False)
     h = torch.randn(2, embedded.d_model)
     assert torch.equal(lens(h, embedded.n_layers - 1), embedded.final_norm(h))
     curve = lens.history_.groupby("step").kl_bits.mean()
