@@ -67,6 +67,23 @@ def test_sdpa_capture_equals_eager_and_hf(name, tiny_tokenizer, sdpa_calls):
     assert not any("forward" in module.__dict__ for module in model.bridge.modules())
 
 
+def test_logits_use_sdpa_and_equal_hf_with_gradients(tiny_tokenizer, sdpa_calls):
+    """HookedModel.logits (minimal pairs, FTGD, I-STAR) runs SDPA too, with autograd, and equals HF."""
+    hf, reference = BY_NAME["llama"].build(tiny_tokenizer), BY_NAME["llama"].build(tiny_tokenizer)
+    model = vl.load_model((hf, tiny_tokenizer))
+    tokens = model.tokenize(TINY_TEXTS[:3])
+    with torch.enable_grad():
+        logits = model.logits(tokens)
+        logits.sum().backward()
+    assert sdpa_calls and logits.requires_grad
+    assert any(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        expected = reference(tokens.ids, attention_mask=tokens.mask).logits
+    mask = tokens.mask.bool()
+    torch.testing.assert_close(logits.detach()[mask], expected[mask], rtol=0, atol=1e-4)
+    assert hf.config._attn_implementation == "eager"
+
+
 def test_sdpa_is_undone_when_the_forward_fails(tiny_model, tiny_hf):
     with pytest.raises(ZeroDivisionError), sdpa_attention(tiny_model) as active:
         assert active and tiny_hf.config._attn_implementation == "sdpa"

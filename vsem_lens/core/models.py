@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .attention import sdpa_attention
 from .errors import InputError, check_positive_int
 from .logits import Unembedding, effective_transform
 
@@ -329,8 +330,13 @@ class HookedModel:
             return self.logits(tokens)
 
     def logits(self, tokens: Tokens) -> Float[Tensor, "batch pos d_vocab"]:
-        """Logits of a batch through the bridge, in the caller's grad mode (for training and gradients)."""
-        return self.bridge(tokens.ids.to(self.device), attention_mask=tokens.mask.to(self.device))
+        """Logits of a batch through the bridge, in the caller's grad mode (for training and gradients).
+
+        Attention runs through SDPA where the architecture has it (no attention pattern is read here),
+        so a long text costs O(tokens) attention memory instead of the bridge's [head, token, token].
+        """
+        with sdpa_attention(self):
+            return self.bridge(tokens.ids.to(self.device), attention_mask=tokens.mask.to(self.device))
 
     # The bridge's torch.nn.Module surface that analyses need, so that they never reach into ``bridge``.
 
