@@ -194,7 +194,7 @@ def test_save_replaces_only_reports_and_is_atomic(tiny_report, tmp_path, monkeyp
     tiny_report.save(out)
     before = _tree_digest(out)
     # A failure (or Ctrl-C) while writing or moving leaves the earlier report exactly as it was.
-    for target in ("_swap_into_place", "_csv_ready"):
+    for target in ("replace_dir", "_csv_ready"):
         with monkeypatch.context() as patch:
             def boom(*args, **kwargs):
                 raise KeyboardInterrupt

@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Sequence
 
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..core.errors import InputError, ModelLoadError, check_positive_int
-from ..core.loading import EMBEDDED_NAME, embedded_model_dir
+from ..core.loading import EMBEDDED_NAME, embedded_model_dir, export_hf_model
 from ..core.logits import Unembedding
 from ..core.models import HookedModel
 from .datasets import TextClassificationTask
@@ -39,24 +38,7 @@ def fresh_hf_model(model: HookedModel) -> Any:
     """
     if model.name == EMBEDDED_NAME:
         return AutoModelForCausalLM.from_pretrained(str(embedded_model_dir()), dtype=model.dtype)
-    original = model.hf_model
-    if original is None:
-        raise ModelLoadError("this hooked model exposes no HF model to copy; pass hf_factory= to fine-tune it.")
-    fresh = type(original)(copy.deepcopy(original.config))
-    wanted = fresh.state_dict()
-    state = {}
-    for key, value in original.state_dict().items():
-        clean = key.replace("._original_component", "")
-        if clean in wanted and clean not in state:
-            state[clean] = value.detach().clone()
-    missing = [k for k in wanted if k not in state]
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}
-    if set(missing) - tied:
-        raise ModelLoadError(f"could not copy the model's weights for fine-tuning (missing {missing[:3]}); pass hf_factory=.")
-    fresh.load_state_dict(state, strict=False)
-    if getattr(fresh.config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    return fresh.to(model.dtype)
+    return export_hf_model(model)
 
 
 def _peft_config(method: str, r: int, alpha: int, dropout: float, target_modules: Sequence[str] | None) -> Any:

@@ -4,7 +4,7 @@ statistics, ``torch.distributed`` helpers, atomic file I/O, corpora and the erro
 Nothing in ``core`` imports from another vsem-lens subpackage (see docs/architecture.md).
 """
 
-from .capture import ActivationBatch, Activations, capture, iter_capture
+from .capture import ActivationBatch, Activations, capture, hooked_states, iter_capture
 from .corpus import load_corpus
 from .errors import (
     ArtifactError,
@@ -40,6 +40,7 @@ __all__ = [
     "VsemLensError",
     "capture",
     "final_distribution",
+    "hooked_states",
     "iter_capture",
     "load_corpus",
     "load_model",

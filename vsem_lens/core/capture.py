@@ -387,6 +387,61 @@ def _capture_batch(
     )
 
 
+def hooked_states(
+    model: HookedModel,
+    tokens: Tokens,
+    *,
+    layers: int | Sequence[int] | None = None,
+    site: str = "resid_post",
+) -> list[Float[Tensor, "batch pos d_model"]]:
+    """One batch's activations at ``site`` of each layer, padded, in the caller's grad mode.
+
+    For training through the hooks (I-STAR fine-tuning): the hooks keep the tensors themselves, not
+    detached copies, so a loss built on them sends gradients back to every weight that produced them.
+    The forward pass stops after the last requested hook (no later blocks, no unembedding) and runs
+    SDPA attention where the architecture has it.
+
+    Args:
+        model: the hooked model (train it with ``model.train()`` and an optimiser over ``model.parameters()``).
+        tokens: a right-padded batch (:meth:`~vsem_lens.core.models.HookedModel.tokenize`).
+        layers: layer indices (``None`` = all).
+        site: one site of :data:`SITES` other than ``embed``.
+
+    Returns:
+        a list with one [batch, pos, d_model] tensor per layer, in increasing layer order.
+
+    Example:
+        >>> toks = model.tokenize(["The capital of France is"])            # doctest: +SKIP
+        >>> states = hooked_states(model, toks, layers=[0, -1])            # doctest: +SKIP
+        >>> torch.stack(states).pow(2).mean().backward()                   # doctest: +SKIP
+    """
+    (site,) = check_sites(site)
+    if site == "embed":
+        raise InputError("hooked_states reads block sites (resid_pre, resid_mid, resid_post, attn_out, mlp_out), not embed.")
+    layer_list = check_layers(layers, model.n_layers)
+    states: dict[int, Tensor] = {}
+
+    def make_hook(layer: int):
+        def keep(tensor: Tensor, hook) -> Tensor:  # noqa: ARG001 - TransformerLens signature
+            states[layer] = tensor
+            if len(states) == len(layer_list):
+                raise _StopForward  # the later blocks and the unembedding are not needed
+            return tensor
+
+        return keep
+
+    fwd_hooks = [(hook_name(site, layer), make_hook(layer)) for layer in layer_list]
+    bridge, device = model.bridge, model.device
+    try:
+        with sdpa_attention(model), bridge.hooks(fwd_hooks=fwd_hooks):
+            bridge(tokens.ids.to(device), attention_mask=tokens.mask.to(device))
+    except _StopForward:
+        pass
+    if len(states) < len(layer_list):
+        raise NumericalError(f"the {site} hooks did not fire; this model's hook names are not TransformerLens's.")
+    return [states[layer] for layer in layer_list]
+
+
 def capture(
     model: HookedModel,
     texts: str | Sequence[str] | Tokens,

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -128,6 +129,24 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_float(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as a finite ``float`` (any real number, not ``bool``; ``positive``: above 0), else
+    :class:`InputError` naming ``name``.
+
+    Example:
+        >>> check_float(-5, "lambda")
+        -5.0
+        >>> check_float(float("nan"), "lambda")
+        Traceback (most recent call last):
+        vsem_lens.core.errors.InputError: lambda must be a finite number, got nan.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
+    if positive and value <= 0:
+        raise InputError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
 
 
 def check_int_list(values: Any, name: str) -> list[int]:

@@ -311,3 +311,36 @@ def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing an earlier ``out`` only at the last moment.
+
+    On Linux the two are swapped atomically (:func:`rename_exchange`), so a reader sees either the old
+    folder or the new one, never a mix; elsewhere the old folder survives as a hidden sibling until the
+    new one is in place.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "new").mkdir(); _ = (root / "new" / "x").write_text("1")
+        >>> replace_dir(root / "new", root / "out"); sorted(p.name for p in root.iterdir())
+        ['out']
+    """
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if rename_exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier folder
+        return
+    old = out.parent / temp_dir_name(out.name)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

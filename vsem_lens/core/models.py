@@ -189,6 +189,19 @@ class HookedModel:
         """
         return self.unembedding()(h)
 
+    def trainable_unembedding(self) -> Unembedding:
+        """The logits path on the live LM-head weights, so that gradients reach them (fine-tuning).
+
+        :meth:`unembedding` reads detached weights for analysis; this one is for a loss on the model's
+        own logits (e.g. ``.columns(label_ids)`` for classification). Not cached: the weights change.
+
+        Example:
+            >>> head = model.trainable_unembedding().columns([2731, 3524])    # doctest: +SKIP
+            >>> head(model.final_norm(h_last)).sum().backward()              # doctest: +SKIP
+        """
+        b_U = self.bridge.b_U if getattr(self.bridge.b_U, "requires_grad", False) else self.b_U
+        return Unembedding(self.bridge.W_U, b_U, self.output_transform)
+
     @property
     def fingerprint(self) -> str:
         """A short hash of the unembedding and final-norm weights; keys every on-disk cache.

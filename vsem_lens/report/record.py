@@ -26,7 +26,7 @@ import pandas as pd
 from torch import Tensor
 
 from ..core.errors import InputError, VsemLensError
-from ..core.io import check_writable, remove_stale_temp_dirs, rename_exchange, temp_dir_name
+from ..core.io import check_writable, remove_stale_temp_dirs, replace_dir, temp_dir_name
 from .figures import plot_timings
 from .html import render_page
 from .timing import peak_rss_mib, timings_table
@@ -139,7 +139,7 @@ class Report:
         tmp.mkdir()
         try:
             self._write_into(tmp)
-            _swap_into_place(tmp, out)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -230,25 +230,6 @@ def _check_replaceable(out: Path) -> None:
             f"--out {str(out)!r} exists and is not a vsem-lens report (no summary.json written by vsem-lens); "
             "refusing to replace it. Choose another directory or remove it."
         )
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Move the finished report ``tmp`` to ``out``, replacing an earlier report only at the last moment."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if rename_exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier report
-        return
-    # Fallback (non-Linux): two renames; the earlier report survives as a hidden sibling until the end.
-    old = out.parent / temp_dir_name(out.name)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _csv_ready(df: pd.DataFrame) -> pd.DataFrame:
