@@ -212,3 +212,31 @@ def test_c0_is_the_covariance_of_the_training_states(tiny_model, task):
     c0 = training_covariance(tiny_model, prompts, [0, 2])
     acts = vl.capture(tiny_model, prompts, layers=[0, 2])["resid_post"].reshape(-1, 64).double()
     assert torch.allclose(c0, torch.cov(acts.T), atol=1e-9)
+
+
+def test_cli_istar_then_report_on_the_fine_tuned_model(tiny_model_dir, task, tmp_path, capsys):
+    import json
+
+    from vsem_lens.cli import main
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": lab, "split": s})
+                              for t, lab, s in zip(task.texts, task.labels, task.splits)))
+    out = tmp_path / "run"
+    args = ["istar", "--task", str(data), "--split-column", "split", "--model", str(tiny_model_dir),
+            "--verbalizer", "animal=cat,food=apples", "--template", "Text: {text}\\nLabel:", "--lambda", "-2",
+            "--lr", "1e-3", "--batch-size", "4", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    summary = json.loads((out / "istar.json").read_text())
+    assert summary["config"]["weight"] == -2.0 and summary["steps"] == 3
+    assert 0 <= summary["test_before"]["accuracy"] <= 1 and summary["test"]["method"] == "istar"
+    assert len((out / "history.csv").read_text().splitlines()) == 4
+    assert not (out / "checkpoint").exists()
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert main(["report", "--model", str(out / "model"), "--corpus", str(data), "--out", str(report), "--quiet"]) == 0
+    assert (report / "summary.json").is_file()
+    # bad input: a clear error, no traceback
+    assert main([*args[:-3], "--lambda", "nan", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lambda" in err and "Traceback" not in err

@@ -15,6 +15,7 @@ from vsem_lens.cli import common, main
         ["isotropy"],
         ["lens", "train"],
         ["calibrate", "--task", "sentiment"],
+        ["istar", "--task", "sentiment"],
     ],
     ids=lambda c: c[0] if c[0] != "lens" else "lens train",
 )

@@ -227,6 +227,17 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The task options read by :func:`load_cli_task` (``--task``, its columns, ``--verbalizer``, ``--template``)."""
+    parser.add_argument("--task", default="sentiment", help="sentiment | topic | question | FILE.jsonl | FILE.csv")
+    parser.add_argument("--test", default=None, metavar="FILE", help="separate test file (same columns as --task)")
+    parser.add_argument("--text-column", default="text", help="text column of a task file (default text)")
+    parser.add_argument("--label-column", default="label", help="label column of a task file (default label)")
+    parser.add_argument("--split-column", default=None, help="split column of a task file (train/validation/test)")
+    parser.add_argument("--verbalizer", default=None, help="label=word,... (default: the task's, or each label itself)")
+    parser.add_argument("--template", default=None, help='prompt with one {text} slot, e.g. "Review: {text}\\nSentiment:"')
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``calibrate`` and ``classify`` commands."""
     parser = sub.add_parser(
@@ -235,13 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a semantic-calibration head on zero-shot prompt features of a hooked model, evaluate it "
         "on the test split and compare it with baselines. Writes OUT/head/, OUT/metrics.json, OUT/baselines.csv.",
     )
-    parser.add_argument("--task", default="sentiment", help="sentiment | topic | question | FILE.jsonl | FILE.csv")
-    parser.add_argument("--test", default=None, metavar="FILE", help="separate test file (same columns as --task)")
-    parser.add_argument("--text-column", default="text", help="text column of a task file (default text)")
-    parser.add_argument("--label-column", default="label", help="label column of a task file (default label)")
-    parser.add_argument("--split-column", default=None, help="split column of a task file (train/validation/test)")
-    parser.add_argument("--verbalizer", default=None, help="label=word,... (default: the task's, or each label itself)")
-    parser.add_argument("--template", default=None, help='prompt with one {text} slot, e.g. "Review: {text}\\nSentiment:"')
+    add_task_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--layer", type=int, default=-1, help="layer of the features (default -1, the last)")
     parser.add_argument(

@@ -16,9 +16,9 @@ import sys
 from typing import Sequence
 
 from ..core.errors import VsemLensError
-from . import basis, calibrate, isotropy, lens, report
+from . import basis, calibrate, isotropy, istar, lens, report
 
-COMMAND_MODULES = (report, basis, isotropy, lens, calibrate)
+COMMAND_MODULES = (report, basis, isotropy, lens, calibrate, istar)
 
 
 def build_parser() -> argparse.ArgumentParser:
