@@ -122,7 +122,7 @@ def main() -> None:
               f"peak growth {ratios['eager_over_sdpa_peak_extra']:.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"results": results, "ratios": ratios}, handle, indent=2)
+            json.dump({"tokens": args.tokens, "threads": args.threads, "results": results, "ratios": ratios}, handle, indent=2)
 
 
 if __name__ == "__main__":

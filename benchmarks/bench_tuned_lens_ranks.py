@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimiser steps (default 6)")
     parser.add_argument("--tokens-per-step", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--fp32", action="store_true", help="float32 vocabulary matmuls (default: --bf16)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
     import torch
@@ -59,6 +60,17 @@ def main() -> None:
     print(f"two ranks / one process: wall {runs[2]['wall_s'] / runs[1]['wall_s']:.2f}x, "
           f"training {runs[2]['train_s'] / runs[1]['train_s']:.2f}x")
     print(f"max |weight difference| {diff:.2e} (largest weight {scale:.2e})")
+    if args.json:
+        results = {
+            "steps": args.steps, "tokens_per_step": args.tokens_per_step, "matmuls": "fp32" if args.fp32 else "bf16",
+            "torch": torch.__version__, "cpus": os.cpu_count(),
+            "one": {k: v for k, v in runs[1].items() if k != "weights"},
+            "two": {k: v for k, v in runs[2].items() if k != "weights"},
+            "wall_ratio_two_over_one": round(runs[2]["wall_s"] / runs[1]["wall_s"], 3),
+            "train_ratio_two_over_one": round(runs[2]["train_s"] / runs[1]["train_s"], 3),
+            "max_weight_difference": diff, "largest_weight": scale,
+        }
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Checks, each printed with its GPU/CPU time ratio:
    (almost) every row, KL within tolerance;
 4. report: ``build_report`` on the GPU, its tables equal to the CPU's within tolerance;
 5. tuned lens: a few training steps on the GPU, the translators stay on the GPU;
-6. with two or more GPUs: a 2-rank NCCL ``vsem-lens report --distributed`` through torchrun.
+6. I-STAR: two fine-tuning steps of a copy of the model on the GPU (hooks with gradients, penalty, C0);
+7. with two or more GPUs: a 2-rank NCCL ``vsem-lens report --distributed`` through torchrun.
 
 Not run in CI (there is no GPU there); exits with status 2 and a message when CUDA is not available.
 ``--device cpu`` runs the same checks CPU-against-CPU (a dry run of this script itself).
@@ -118,7 +119,20 @@ def main() -> int:
     check(lens.weight.device.type == torch.device(device).type, f"translators trained on {lens.weight.device}")
     print(f"  {args.steps} steps in {gpu_s:.2f} s")
 
-    print("[6] 2-rank NCCL report")
+    print("[6] I-STAR fine-tuning (two steps)")
+    from vsem_lens.calibration.istar_finetune import IStarConfig, istar_finetune
+
+    # Arbitrary labels on the smoke texts, with label words every BPE vocabulary has as one token.
+    texts = TEXTS * 4
+    task = vl.calibration.TextClassificationTask(
+        "smoke", texts, ["x", "y"] * (len(texts) // 2), ["train"] * (len(texts) - 4) + ["test"] * 4,
+        {"x": "the", "y": "a"}, "Text: {text}\nWord:")
+    result, gpu_s = timed(lambda: istar_finetune(model, task, IStarConfig(weight=-5.0), progress=False), device)
+    placed = {p.device.type for p in result.model.parameters()}
+    check(placed == {torch.device(device).type}, f"fine-tuned copy on {sorted(placed)}")
+    check(bool(result.history.loss.notna().all()), f"{len(result.history)} finite steps in {gpu_s:.2f} s")
+
+    print("[7] 2-rank NCCL report")
     if not device.startswith("cuda") or torch.cuda.device_count() < 2:
         print("  skipped: needs two CUDA devices")
         return 0

@@ -109,7 +109,7 @@ class IStarConfig:
     c0: str = "train"
     c0_texts: int | None = None
     epochs: int = 1
-    lr: float = 2e-5
+    lr: float = 1e-5
     batch_size: int = 8
     max_length: int = 64
     max_grad_norm: float | None = 1.0
@@ -305,7 +305,7 @@ def _trainable_copy(model: HookedModel, config: IStarConfig) -> HookedModel:
                 raise InputError(f"peft cannot add LoRA adapters to this model ({exc}).") from None
         for name, param in hf.named_parameters():
             param.requires_grad_("lora_" in name)
-    tuned = load_model((hf, model.tokenizer), prepend_bos=model.prepend_bos)
+    tuned = load_model((hf, model.tokenizer), device=model.device, prepend_bos=model.prepend_bos)
     tuned.name = f"{model.name} (I-STAR)"
     return tuned
 
@@ -461,7 +461,7 @@ def istar_finetune(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             step += 1
-            row = {"epoch": epoch, "step": step, **{k: float(v) for k, v in parts.items()},
+            row = {"epoch": epoch, "step": step, **{k: float(v.detach()) for k, v in parts.items()},
                    "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - began, 4)}
             history.append(row)
             bar.update(1)
