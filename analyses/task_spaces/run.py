@@ -29,8 +29,8 @@ results.json). Stages (each writes its files as soon as it finishes, so a partia
   blocks (tables.py). Clustered heatmaps -> figures/*.html (self-contained, git-ignored).
 
 One torch thread (shared 2-core box). ``--stages none`` redoes only the statistics and the README.
-The tables fall back on the earlier run's files with BOS (``*_bos.csv``, ``earlier_run_bos.json``) for the
-stages that were not rerun under the model's rule (see README, "Provenance").
+``accuracy_bos.csv`` and ``transfer_bos.csv`` (with BOS, from an earlier run; ``earlier_run_bos.json``) are
+comparisons kept on purpose (see README, "Provenance").
 """
 
 from __future__ import annotations
@@ -106,7 +106,12 @@ def main() -> None:
     started = time.time()
     meta_path = HERE / "results.json"
     # Stages may run in separate processes; each merges its own keys into results.json when saving.
-    meta: dict = {f"args[{args.stages}]": vars(args), "torch_threads": 1}
+    recorded = dict(vars(args))
+    if args.tuned_lens is not None:  # the cache folder of this machine, written portably
+        from vsem_lens.core.models import cache_dir
+
+        recorded["tuned_lens"] = str(args.tuned_lens).replace(str(cache_dir()), "$VSEM_LENS_CACHE")
+    meta: dict = {f"args[{args.stages}]": recorded, "torch_threads": 1}
     seconds: dict = {}
 
     def save_meta():
@@ -399,27 +404,21 @@ def _comparison(names, log) -> None:
 
     rows = []
     hyp = hypothesis_matrix(names)
-    # the gradients of this run, else those of the earlier run with BOS (similarity_bos.csv)
-    sim_path = next((path for path in (HERE / "similarity.csv", HERE / "similarity_bos.csv") if path.is_file()), None)
-    sim = pd.read_csv(sim_path) if sim_path is not None else None
+    sim = pd.read_csv(HERE / "similarity.csv") if (HERE / "similarity.csv").is_file() else None
     if sim is not None:
         for value in ("cosine", "jaccard"):
             m = ts.task_space_matrix(sim, value)
             rows.append({"task_space": f"gradient_{value}", **ts.compare_with_hypothesis(m, hyp, n_permutations=999),
                          "prepend_bos": bool(sim.prepend_bos.iloc[0])})
-    # this run's transfer matrix when every phenomenon was tuned, else the earlier run's (with BOS)
-    tr = None
-    for path in (HERE / "transfer.csv", HERE / "transfer_bos.csv"):
-        table = pd.read_csv(path) if path.is_file() else None
-        if table is not None and set(table.trained_on) == set(names):
-            tr = table
-            break
-        if table is not None:
-            log(f"comparison: {path.name} tunes {table.trained_on.nunique()} of {len(names)} phenomena; not used")
+    # the transfer matrix enters only when every phenomenon was tuned (a partial run is not a task space)
+    tr = pd.read_csv(HERE / "transfer.csv") if (HERE / "transfer.csv").is_file() else None
+    if tr is not None and set(tr.trained_on) != set(names):
+        log(f"comparison: transfer.csv tunes {tr.trained_on.nunique()} of {len(names)} phenomena; not used")
+        tr = None
     if tr is not None:
         for value in ("delta_margin", "delta_accuracy"):
             m = ts.task_space_matrix(tr, value, scope=None).drop(columns="all")
-            m = m.loc[:, list(m.index)]  # a partial run: only the phenomena tuned so far
+            m = m.loc[:, list(m.index)]
             rows.append({"task_space": f"ftgd_{value}", **ts.compare_with_hypothesis(m, hyp, n_permutations=999),
                          "prepend_bos": bool(tr.prepend_bos.iloc[0])})
         if sim is not None and bool(sim.prepend_bos.iloc[0]) == bool(tr.prepend_bos.iloc[0]):  # same BOS rule only

@@ -83,7 +83,7 @@ def _bos(folder: Path) -> str:
 
 
 def _layers(folder: Path) -> str:
-    by = pd.read_csv(folder / "by_layer_bos.csv")
+    by = pd.read_csv(folder / "by_layer.csv")
     pooled = by[by.phenomenon == "all"]
     rows = []
     for frame, group in pooled.groupby("frame", sort=False):
@@ -95,7 +95,7 @@ def _layers(folder: Path) -> str:
 
 
 def _layers_mean(folder: Path) -> str:
-    by = pd.read_csv(folder / "by_layer_bos.csv")
+    by = pd.read_csv(folder / "by_layer.csv")
     mid = by[(by.layer >= 6) & (by.layer <= 24)]
     names = list(dict.fromkeys(by.phenomenon))
     rows = []
@@ -106,7 +106,7 @@ def _layers_mean(folder: Path) -> str:
 
 
 def _onset(folder: Path) -> str:
-    onset = pd.read_csv(folder / "onset_bos.csv")
+    onset = pd.read_csv(folder / "onset.csv")
     names = [n for n in dict.fromkeys(onset.phenomenon)]
     rows = []
     for frame, group in onset.groupby("frame", sort=False):
@@ -117,9 +117,7 @@ def _onset(folder: Path) -> str:
 
 
 def _gradient_file(folder: Path, stem: str) -> pd.DataFrame:
-    """This run's gradient table, else the earlier run's (with BOS)."""
-    path = folder / f"{stem}.csv"
-    return pd.read_csv(path if path.is_file() else folder / f"{stem}_bos.csv")
+    return pd.read_csv(folder / f"{stem}.csv")
 
 
 def _matrix(table: pd.DataFrame, value: str, names: list[str], a: str, b: str) -> pd.DataFrame:
