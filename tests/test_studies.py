@@ -47,3 +47,12 @@ def test_block_check_fails_on_a_hand_edit(tmp_path):
         readme_blocks.stale_blocks(readme, {"t": "x", "u": "y"})
     with pytest.raises(ValueError, match="without a renderer"):
         readme_blocks.stale_blocks(readme, {})
+
+
+def test_study_figures_work_offline():
+    """No study writes a figure that needs the network: no plotly.js from a CDN, no committed page with an external script."""
+    for run in ANALYSES.glob("*/run.py"):
+        text = run.read_text()
+        assert 'include_plotlyjs="cdn"' not in text and "include_plotlyjs='cdn'" not in text, run
+    for page in ANALYSES.glob("**/*.html"):
+        assert 'src="http' not in page.read_text(errors="replace"), page

@@ -12,7 +12,8 @@ main
        (whitening by G^-1 = (W_U W_U^T)^-1, per-token normalisation), plus centring, scored by agreement with
        the final top-1; where the logits and the whitened logits put their energy in W_U's singular
        directions; and how the per-token norms ||s_i|| relate to token frequency and to the model's average logit.
-    Writes results.csv, ablation.csv, summary.json, tables.md and figure.html (plotly.js from the CDN).
+    Writes results.csv, ablation.csv, summary.json, tables.md and figure.html (plotly.js embedded: works
+    offline; git-ignored, rebuilt from the CSVs by ``--stages figure``).
 temperature
     Per layer (final_norm frame), the affinity temperature fitted on a sample of training texts
     (vsem_lens.readout.temperature) and the tempered KL on the held-out texts, with bootstrap intervals over
@@ -480,15 +481,17 @@ def main() -> int:
     parser.add_argument("--train-only", action="store_true", help="train (or resume) and cache the lenses, then stop")
     parser.add_argument("--clips", default="per_translator,global",
                         help="with --train-only: which lenses to train (comma-separated clip modes)")
-    parser.add_argument("--self-contained", action="store_true",
-                        help="also write figure.offline.html with plotly.js embedded (4.7 MB, git-ignored)")
     parser.add_argument("--out", default=str(HERE), help="output folder (default: this folder)")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="main (lens, frames, ablation), clip (per-translator vs global clip), "
-                             "temperature (affinity temperature); default all")
+                             "temperature (affinity temperature); default all. 'figure' alone: rebuild "
+                             "figure.html from the committed results.csv and ablation.csv (no model)")
     parser.add_argument("--temperature-texts", type=int, default=8,
                         help="training texts the affinity temperature is fitted on (default 8)")
     args = parser.parse_args()
+    if args.stages == "figure":  # no model: the figure of the committed results
+        write_figure(pd.read_csv(Path(args.out) / "results.csv"), pd.read_csv(Path(args.out) / "ablation.csv"), Path(args.out))
+        return 0
 
     import vsem_lens as vl
 
@@ -529,6 +532,12 @@ def main() -> int:
     return 0
 
 
+def write_figure(results: pd.DataFrame, ablation_df: pd.DataFrame, out: Path) -> None:
+    """figure.html with plotly.js embedded, so it works offline (~4.7 MB, git-ignored: rebuild it from the
+    committed CSVs with ``--stages figure``)."""
+    figure(results, ablation_df).write_html(out / "figure.html", include_plotlyjs=True)
+
+
 def main_stage(vl, model, texts, train, held, args, out: Path) -> None:
     """The lens (trained or reused), the three frames x two readouts, the ablation; the main outputs."""
     lens, train_seconds = train_lens(vl, model, train, args, "per_translator")
@@ -562,12 +571,7 @@ def main_stage(vl, model, texts, train, held, args, out: Path) -> None:
     ablation_df.to_csv(out / "ablation.csv", index=False, float_format="%.5g")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "tables.md").write_text(markdown_tables(results, ablation_df))
-    fig = figure(results, ablation_df)
-    # figure.html loads plotly.js from its CDN (~40 kB, committed); the offline copy embeds plotly.js
-    # (~4.7 MB) and is git-ignored (.gitignore in this folder).
-    fig.write_html(out / "figure.html", include_plotlyjs="cdn")
-    if args.self_contained:
-        fig.write_html(out / "figure.offline.html", include_plotlyjs=True)
+    write_figure(results, ablation_df, out)
 
     pd.set_option("display.width", 200)
     wide = results.pivot_table(index="layer", columns=["readout", "frame"], values=["kl_bits", "top1_agreement", "median_rank"])

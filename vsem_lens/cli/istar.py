@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--c0-texts", default=None, help="training prompts sampled for C0 (default: all)")
     parser.add_argument("--method", default="full", choices=["full", "lora"], help="full fine-tuning (default) or LoRA (peft)")
     parser.add_argument("--epochs", default="1", help="passes over the training split (default 1)")
-    parser.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     parser.add_argument("--batch-size", default="8", help="prompts per step (default 8)")
     parser.add_argument("--max-length", default="64", help="prompt length in tokens; texts are shortened (default 64)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data order, C0 sample and splits (default 42)")
