@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_TEXTS, make_tiny_hf
 
 import vsem_lens as vl
-from conftest import TINY_TEXTS, make_tiny_hf
 from vsem_lens.core.errors import ModelLoadError
 
 
