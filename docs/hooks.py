@@ -10,7 +10,10 @@
   each build and served from the matrix, so the documented list is the tested one.
   ``tests/test_architectures.py`` checks that the committed file is current; ``python docs/hooks.py``
   rewrites it.
+- Formulas (``\\( ... \\)`` and ``\\[ ... \\]``, wrapped by ``pymdownx.arithmatex``) become MathML at build
+  time (``latex2mathml``), which browsers render natively: the site needs no math script and no network.
 """
+
 
 from __future__ import annotations
 
@@ -183,3 +186,29 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: D103 -
 if __name__ == "__main__":
     changed = write_architectures_page()
     print(f"docs/{ARCHITECTURES_PAGE} {'rewritten' if changed else 'already up to date'}")
+
+
+MATH = re.compile(
+    r'<(?P<tag>span|div) class="arithmatex">\s*(?:\\\((?P<inline>.*?)\\\)|\\\[(?P<block>.*?)\\\])\s*</(?P=tag)>', re.S
+)
+
+
+def latex_to_mathml(html: str) -> str:
+    """Replace every arithmatex formula in ``html`` by MathML (an unconvertible formula fails the build)."""
+    import html as html_lib
+
+    from latex2mathml.converter import convert
+
+    def one(match: re.Match) -> str:
+        tex = match["inline"] if match["inline"] is not None else match["block"]
+        display = "inline" if match["inline"] is not None else "block"
+        try:
+            return convert(html_lib.unescape(tex).strip(), display=display)
+        except Exception as exc:  # say which formula broke, not just that one did
+            raise ValueError(f"cannot convert the formula {tex!r} to MathML: {exc}") from exc
+
+    return MATH.sub(one, html)
+
+
+def on_page_content(html: str, page, config, files) -> str:  # noqa: ARG001 - MkDocs hook signature
+    return latex_to_mathml(html)

@@ -33,6 +33,37 @@ def test_mkdocs_build_strict(tmp_path):
     assert "--max-tokens" in report_page
     api_page = (site / "api" / "basis" / "index.html").read_text(encoding="utf-8")
     assert "SemanticBasis" in api_page and "from_model" in api_page
+    # formulas are MathML written at build time: no raw LaTeX left, no math script
+    concepts = (site / "concepts" / "isotropy" / "index.html").read_text(encoding="utf-8")
+    assert concepts.count("<math") >= 10 and 'class="arithmatex"' not in concepts and "mathjax" not in concepts.lower()
+    _check_math_in_chromium(site / "concepts" / "isotropy" / "index.html", tmp_path / "browser")
+
+
+def _check_math_in_chromium(page_path: Path, workdir: Path) -> None:
+    """The concepts page in headless Chromium: every formula is laid out as MathML, no request leaves the disk."""
+    import time
+
+    from _cdp import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium) - the offline math check needs it")
+    with Browser(chromium, workdir / "profile") as browser:
+        page = browser.page()
+        page.call("Page.navigate", url=page_path.resolve().as_uri())
+        page.wait_event("Page.loadEventFired", 60)
+        time.sleep(0.5)
+        maths = page.evaluate(
+            "Array.from(document.querySelectorAll('math')).map(m => ({display: getComputedStyle(m).display,"
+            " height: m.getBoundingClientRect().height, width: m.getBoundingClientRect().width}))"
+        )
+        raw = page.evaluate(r"document.body.innerText.includes('\\zeta') || document.body.innerText.includes('\\(')")
+        page.ws.close()
+    assert maths and all(m["display"] in ("math", "block math", "inline math") for m in maths), maths[:3]
+    assert all(m["height"] > 0 and m["width"] > 0 for m in maths)
+    assert not raw  # no LaTeX source shows as text
+    external = [u for u in page.requests if not u.startswith(("file:", "data:", "blob:", "about:"))]
+    assert external == [], external
 
 
 def _public_objects():
