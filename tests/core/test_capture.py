@@ -110,3 +110,14 @@ def test_embedded_resid_post_equals_hf(embedded):
         hidden = plain(embedded.tokenize(text).ids, output_hidden_states=True).hidden_states
     for i, layer in enumerate(acts.layers):
         assert (acts["resid_post"][i] - hidden[layer + 1][0]).abs().max() < 1e-3
+
+
+def test_activations_summarise_themselves_with_token_strings(tiny_model):
+    acts = vl.capture(tiny_model, ["The cat sat.", "A <script>alert(1)</script> test"], sites=("resid_post", "mlp_out"))
+    text = repr(acts)
+    assert "resid_post (3, " in text and "layers 0..2 (3)" in text and "'The'" in text
+    page = acts._repr_html_()
+    assert "<script" not in page and "&lt;" in page  # token strings are escaped
+    assert "mlp_out" in page and page.count("<b>text ") == 2
+    n_chips = page.count("title='id ")
+    assert n_chips == len(acts.tokens)

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -47,6 +48,7 @@ from .attention import check_attention, sdpa_attention, supports_sdpa
 from .errors import InputError, NumericalError, check_int_list, check_layer_index, check_positive_int
 from .memory import ADVICE, capture_memory, describe, free_memory, is_out_of_memory, out_of_memory_error
 from .models import HookedModel, Tokens, check_texts
+from .tokens import display_token
 
 SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -179,9 +181,43 @@ class Activations:
             raise InputError(f"layer {layer} was not captured; captured layers: {self.layers}.")
         return self[site][self.layers.index(layer)]
 
+    def _layer_text(self) -> str:
+        layers = self.layers
+        if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+            return f"{layers[0]}..{layers[-1]} ({len(layers)})"
+        return ", ".join(map(str, layers))
+
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.acts.items())
-        return f"Activations({shapes}, layers={self.layers}, n_tokens={len(self.tokens)})"
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.acts.items())
+        n_docs = int(self.tokens["doc"].nunique()) if len(self.tokens) else 0
+        head = [repr(t) for t in self.tokens["token"].head(8)]
+        more = ", ..." if len(self.tokens) > 8 else ""
+        return (f"Activations({shapes}; layers {self._layer_text()}; {len(self.tokens)} tokens in {n_docs} text(s): "
+                f"{', '.join(head)}{more})")
+
+    def _repr_html_(self) -> str:
+        """A compact summary for Jupyter: the sites with their shapes, the layers, each text's tokens."""
+        rows = "".join(
+            f"<tr><td><code>{html.escape(site)}</code></td><td>{tuple(t.shape)}</td><td>{t.dtype}</td></tr>"
+            for site, t in self.acts.items()
+        )
+        texts = []
+        for doc, group in self.tokens.groupby("doc", sort=True):
+            chips = "".join(
+                f"<span style='border:1px solid #ccc;border-radius:3px;padding:0 3px;margin:1px;display:inline-block;"
+                f"font-family:monospace' title='id {int(i)}'>{display_token(t, max_chars=24)}</span>"
+                for t, i in zip(group["token"], group["token_id"])
+            )
+            texts.append(f"<div><b>text {int(doc)}</b> ({len(group)} tokens): {chips}</div>")
+            if len(texts) == 8:
+                texts.append(f"<div>... {self.tokens['doc'].nunique() - 8} more text(s)</div>")
+                break
+        return (
+            "<div class='vsem-activations'><b>Activations</b>: layers "
+            f"{html.escape(self._layer_text())}, {len(self.tokens)} tokens"
+            "<table><tr><th>site</th><th>shape [layer, token, d_model]</th><th>dtype</th></tr>"
+            f"{rows}</table>{''.join(texts)}</div>"
+        )
 
 
 class _StopForward(Exception):

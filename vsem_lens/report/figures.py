@@ -20,8 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.tokens import display_token
 from .plots import ISOTROPY_MEASURES
-from .tokens import display_token
 
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 READOUT_STYLE = {

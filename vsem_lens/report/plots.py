@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.errors import InputError
-from .tokens import quoted_token
+from ..core.tokens import quoted_token
 
 ISOTROPY_MEASURES = {
     "isoscore": "IsoScore",
