@@ -10,6 +10,7 @@ Example:
     >>> model = vl.load_model()                                 # embedded SmolLM2-135M-Instruct
     >>> basis = vl.SemanticBasis.from_model(model)              # pinv of the unembedding
     >>> df = vl.layerwise_affinity(model, "The capital of France is")
+    >>> vl.probe(model, "The capital of France is")             # heatmaps of every layer, in Jupyter
 """
 
 from . import calibration, core, geometry, lenses, readout, report, taskspace
@@ -18,7 +19,7 @@ from .core import Activations, HookedModel, VsemLensError, capture, iter_capture
 from .geometry import isotropy_by_layer
 from .lenses import FinalNormLens, Lens, RawLens, TunedLens, resolve_frame
 from .readout import SemanticBasis, iter_layer_readouts, layerwise_affinity, logit_lens, vocab_affinity
-from .report import Report, build_report
+from .report import Probe, Report, build_report, probe
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "FinalNormLens",
     "HookedModel",
     "Lens",
+    "Probe",
     "RawLens",
     "Report",
     "SemanticBasis",
@@ -46,6 +48,7 @@ __all__ = [
     "load_corpus",
     "load_model",
     "logit_lens",
+    "probe",
     "readout",
     "report",
     "resolve_frame",

@@ -4,13 +4,16 @@ checkpoints, the result record, its text and figures, and the self-contained HTM
 
 from .build import build_report
 from .plan import CorpusPlan, plan_corpus
+from .probe import Probe, probe
 from .record import Report, ReportWriteError, check_report_destination
 
 __all__ = [
     "CorpusPlan",
+    "Probe",
     "Report",
     "ReportWriteError",
     "check_report_destination",
     "build_report",
     "plan_corpus",
+    "probe",
 ]

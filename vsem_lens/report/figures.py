@@ -59,21 +59,40 @@ def style(fig: go.Figure, *, height: int | None = None, width: int | None = None
 
 
 # Long because one heatmap carries cell text, colour scale, hover template and token axes that must agree.
-def plot_affinity_map(df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "final_norm") -> go.Figure:
-    """Layer x position heatmap of one example text.
+#: What each readout's map shows: the top-1 column, the colour column and its label, the top-k columns.
+MAP_READOUTS = {
+    "affinity": {"top1": "affinity_top1", "colour": "affinity_final_cos", "colour_label": "cosine with<br>prediction",
+                 "tokens": "affinity_top_tokens", "scores": "affinity_top_scores", "score_name": "cosine",
+                 "title": "vocabulary affinity"},
+    "lens": {"top1": "lens_top1", "colour": "lens_final_prob", "colour_label": "p(prediction)",
+             "tokens": "lens_top_tokens", "scores": "lens_top_scores", "score_name": "logit",
+             "title": "logit lens"},
+}
 
-    Cell text: the top-1 token by vocabulary affinity; colour: the affinity (cosine) of the model's
-    final prediction at that position; hover: top-k affinity tokens with cosines, the logit lens's
-    top-1 and the ranks of the final prediction. The top row shows the model's prediction.
+
+def plot_affinity_map(
+    df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "final_norm", readout: str = "affinity"
+) -> go.Figure:
+    """Layer x position heatmap of one example text, for one readout.
+
+    Cell text: the readout's top-1 token (``affinity``: by vocabulary affinity; ``lens``: by the logit
+    lens); colour: the affinity (cosine) of the model's final prediction, or its logit-lens probability;
+    hover: the readout's top-k tokens with scores, the other readout's top-1 and the ranks of the final
+    prediction under both. The top row shows the model's prediction.
 
     Args:
-        df: the rows of one example from the report's ``examples`` table.
+        df: the rows of one example from the report's ``examples`` table (or a :class:`~vsem_lens.report.probe.Probe`).
         meta: ``{"index", "text", "n_tokens", "n_tokens_full"}`` of the example.
         frame: the readout frame (for the title).
+        readout: ``"affinity"`` (default) or ``"lens"``.
 
     Example:
         >>> fig = plot_affinity_map(report.tables["examples"].query("example == 0"), meta)  # doctest: +SKIP
     """
+    if readout not in MAP_READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(MAP_READOUTS)}, got {readout!r}")
+    spec = MAP_READOUTS[readout]
+    other = "lens" if readout == "affinity" else "affinity"
     layers = sorted(df["layer"].unique().tolist())
     positions = sorted(df["position"].unique().tolist())
     row_of = {layer: i for i, layer in enumerate(layers)}
@@ -84,23 +103,23 @@ def plot_affinity_map(df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "f
     hover = np.full(shape, "", dtype=object)
     inputs = {}
     predictions = {}
-    for row in df.itertuples(index=False):
-        i, j = row_of[row.layer], col_of[row.position]
-        z[i, j] = row.affinity_final_cos
-        text[i, j] = display_token(row.affinity_top1, 7)
-        inputs[row.position] = row.token
-        predictions[row.position] = row.final_token
+    for row in df.to_dict("records"):
+        i, j = row_of[row["layer"]], col_of[row["position"]]
+        z[i, j] = row[spec["colour"]]
+        text[i, j] = display_token(row[spec["top1"]], 7)
+        inputs[row["position"]] = row["token"]
+        predictions[row["position"]] = row["final_token"]
         top = "<br>".join(
             f"&nbsp;&nbsp;{display_token(tok, 24)} &nbsp;{score:+.3f}"
-            for tok, score in zip(row.affinity_top_tokens, row.affinity_top_scores)
+            for tok, score in zip(row[spec["tokens"]], row[spec["scores"]])
         )
         hover[i, j] = (
-            f"<b>layer {row.layer}</b>, position {row.position}, input {display_token(row.token, 24)}<br>"
-            f"<b>affinity top-{len(row.affinity_top_tokens)}</b> (cosine):<br>{top}<br>"
-            f"<b>logit lens top-1</b>: {display_token(row.lens_top1, 24)}<br>"
-            f"<b>model's prediction</b>: {display_token(row.final_token, 24)}<br>"
-            f"&nbsp;&nbsp;cosine {row.affinity_final_cos:+.3f}, rank {row.affinity_final_rank + 1} by affinity, "
-            f"rank {row.lens_final_rank + 1} by logit lens"
+            f"<b>layer {row['layer']}</b>, position {row['position']}, input {display_token(row['token'], 24)}<br>"
+            f"<b>{spec['title']} top-{len(row[spec['tokens']])}</b> ({spec['score_name']}):<br>{top}<br>"
+            f"<b>{MAP_READOUTS[other]['title']} top-1</b>: {display_token(row[MAP_READOUTS[other]['top1']], 24)}<br>"
+            f"<b>model's prediction</b>: {display_token(row['final_token'], 24)}<br>"
+            f"&nbsp;&nbsp;cosine {row['affinity_final_cos']:+.3f}, rank {row['affinity_final_rank'] + 1} by affinity, "
+            f"rank {row['lens_final_rank'] + 1} by logit lens"
         )
     # Rows are plotted at 0..L-1 (row index, so non-contiguous layers get equal rows) and the model's
     # prediction as a text row at L; tick labels name them.
@@ -117,10 +136,10 @@ def plot_affinity_map(df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "f
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
             colorscale="Viridis",
-            colorbar={"title": {"text": "cosine with<br>prediction", "side": "right"}, "thickness": 12},
+            colorbar={"title": {"text": spec["colour_label"], "side": "right"}, "thickness": 12},
             xgap=1,
             ygap=1,
-            name="affinity",
+            name=readout,
         )
     )
     fig.add_trace(
@@ -145,7 +164,7 @@ def plot_affinity_map(df: pd.DataFrame, meta: dict[str, Any], *, frame: str = "f
     cut = f", first {shown} of {full} tokens" if full > shown else ""
     fig.update_layout(
         title={
-            "text": f"Example {meta.get('index', 0) + 1}: top-1 token by vocabulary affinity per layer "
+            "text": f"Example {meta.get('index', 0) + 1}: top-1 token by {spec['title']} per layer "
             f"({frame} frame{cut})"
         },
         xaxis={

@@ -1,0 +1,139 @@
+"""Probe a prompt in a notebook: one call from text to a layer x position picture of each readout.
+
+``probe(model, "The capital of France is")`` reads every layer's residual at every position through
+the logit lens and through vocabulary affinity (in any frame, a tuned lens or your own
+:class:`~vsem_lens.lenses.base.Lens` included) and returns a :class:`Probe`: it draws itself in Jupyter
+(side-by-side heatmaps of each readout's top-1 token, coloured by how the readout scores the model's
+final prediction, hover for the top-k; offline, plotly.js included once per probe), and gives the tidy
+table (:meth:`Probe.to_frame`) and plotly figures (:meth:`Probe.figure`). The table and the heatmaps
+are exactly the report's affinity map (:func:`~vsem_lens.report.examples.example_table`,
+:func:`~vsem_lens.report.figures.plot_affinity_map`) for any text.
+
+Example:
+    >>> p = probe(model, "The capital of France is")                      # doctest: +SKIP
+    >>> p                                                                   # doctest: +SKIP
+    >>> p.to_frame().query("layer == 29")[["token", "lens_top1", "affinity_top1"]]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..core.errors import InputError, check_positive_int
+from ..core.models import HookedModel, check_texts
+from ..lenses.base import Lens
+from ..lenses.frames import frame_name, resolve_frame
+from ..readout import LensAggregator, SemanticBasis
+from .examples import example_table
+from .figures import MAP_READOUTS, plot_affinity_map
+from .html import CSS, figure_scripts
+
+#: Prompts are cut to this many tokens by default (one heatmap column per token).
+PROBE_MAX_TOKENS = 64
+
+
+@dataclass
+class Probe:
+    """The readouts of one or more prompts at every layer and position (see :func:`probe`).
+
+    Attributes:
+        table: one row per (example, layer, position): the input token, the model's prediction, each
+            readout's top-1 and top-k tokens with scores, and the final prediction's rank, probability
+            (lens) and cosine (affinity) under both readouts.
+        metas: per prompt ``{"index", "text", "n_tokens", "n_tokens_full"}``.
+        frame: the frame's name.
+        readouts: the readouts drawn, left to right.
+
+    Example:
+        >>> p = probe(model, ["Paris is", "Rome is"])    # doctest: +SKIP
+        >>> p.figure(1, readout="lens").show()            # doctest: +SKIP
+    """
+
+    table: pd.DataFrame = field(repr=False)
+    metas: list[dict[str, Any]]
+    frame: str
+    readouts: tuple[str, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The tidy table (a copy)."""
+        return self.table.copy()
+
+    def figure(self, index: int = 0, readout: str = "affinity") -> go.Figure:
+        """The heatmap of prompt ``index`` for ``readout`` (``"affinity"`` or ``"lens"``)."""
+        if not 0 <= int(index) < len(self.metas):
+            raise InputError(f"index {index} is out of range: this probe holds {len(self.metas)} prompt(s).")
+        if readout not in MAP_READOUTS:
+            raise InputError(f"readout must be one of {', '.join(MAP_READOUTS)}, got {readout!r}.")
+        rows = self.table[self.table["example"] == int(index)]
+        return plot_affinity_map(rows, self.metas[int(index)], frame=self.frame, readout=readout)
+
+    def __repr__(self) -> str:
+        texts = ", ".join(repr(m["text"][:40]) for m in self.metas[:3]) + (", ..." if len(self.metas) > 3 else "")
+        return f"Probe({len(self.metas)} prompt(s): {texts}; frame {self.frame!r}; readouts {', '.join(self.readouts)})"
+
+    def _repr_html_(self) -> str:
+        prefix = f"vsem-probe-{uuid.uuid4().hex[:8]}"
+        figures, blocks = {}, []
+        for meta in self.metas:
+            cells = []
+            for readout in self.readouts:
+                div_id = f"{prefix}-{meta['index']}-{readout}"
+                figures[div_id] = self.figure(meta["index"], readout)
+                cells.append(f'<div class="figure" id="{div_id}" data-figure="{readout}"></div>')
+            caption = html.escape(meta["text"] if len(meta["text"]) <= 200 else meta["text"][:199] + "…")
+            blocks.append(f'<p class="caption"><b>Prompt {meta["index"] + 1}:</b> {caption}</p>'
+                          f'<div class="cards">{"".join(cells)}</div>')
+        return (f'<div class="vsem-report" id="{prefix}"><style>{CSS}</style>{"".join(blocks)}'
+                f"{figure_scripts(figures)}</div>")
+
+
+def probe(
+    model: HookedModel,
+    texts: str | Sequence[str],
+    *,
+    frame: str | Lens = "final_norm",
+    lens: Lens | None = None,
+    readouts: Sequence[str] = ("lens", "affinity"),
+    layers: int | Sequence[int] | None = None,
+    max_tokens: int = PROBE_MAX_TOKENS,
+) -> Probe:
+    """Read one prompt (or a few) through the logit lens and vocabulary affinity at every layer and position.
+
+    Args:
+        model: the hooked model.
+        texts: a prompt or a list of prompts (tokenised by the model's rule, cut to ``max_tokens``).
+        frame: ``final_norm`` (default; the logit-lens convention), ``raw``, ``tuned`` or a
+            :class:`~vsem_lens.lenses.base.Lens` applied to each layer's residual before both readouts.
+        lens: the tuned lens for ``frame="tuned"`` (default: the one cached for the model).
+        readouts: which heatmaps to draw, left to right (``lens``, ``affinity``); the table has both.
+        layers: layer indices (``None`` = all).
+        max_tokens: tokens per prompt (one heatmap column each).
+
+    Returns:
+        A :class:`Probe` (renders itself in Jupyter).
+
+    Example:
+        >>> probe(model, "The Eiffel Tower is in the city of")   # doctest: +SKIP
+    """
+    texts = check_texts(texts)
+    max_tokens = check_positive_int(max_tokens, "max_tokens")
+    readouts = tuple(readouts)
+    if not readouts or any(r not in MAP_READOUTS for r in readouts):
+        raise InputError(f"readouts must be a non-empty selection of {', '.join(MAP_READOUTS)}, got {readouts!r}.")
+    resolved = resolve_frame(frame, model, lens=lens)
+    basis = SemanticBasis.from_model(model)
+    agg = LensAggregator(model, basis, layers=layers, readouts={"lens": ("lens", resolved), "affinity": ("affinity", resolved)})
+    try:
+        table, metas = example_table(model, agg, frame_name(frame), texts, max_tokens=max_tokens)
+    finally:
+        agg.release()
+    return Probe(table, metas, frame_name(frame), readouts)
+
+
+__all__ = ["Probe", "probe"]
