@@ -116,6 +116,16 @@ def istar_step() -> str:
             f"({s['threads']} thread, {s['steps']} timed steps per side).")
 
 
+def probe_cost() -> str:
+    d = _load("probe")
+    return (f"`vl.probe` on one {d['tokens']}-token prompt, all {d['layers']} layers, both readouts (table and two "
+            f"figures): {d['probe_s']:.2f} s against {d['anchor_s']:.2f} s for one plain HF forward plus the bare "
+            f"readout products of every layer, **{d['ratio']:.2f}x** ({d['threads']} thread, median of {d['repeats']} "
+            f"interleaved repeats; target 1.5x). Its HTML is {d['html_bytes'] / 2**20:.1f} MiB, of which "
+            f"{d['plotly_js_bytes'] / 2**20:.1f} MiB is plotly.js, included {d['plotly_js_copies']} time(s) per probe. "
+            "`benchmarks/results/probe.json`.")
+
+
 #: Page -> {block name: renderer}.
 PAGES = {
     ROOT / "docs" / "scale.md": {
@@ -123,6 +133,7 @@ PAGES = {
         "lens_ranks": lens_ranks,
     },
     ROOT / "docs" / "cli" / "istar.md": {"istar_step": istar_step},
+    ROOT / "docs" / "api" / "report.md": {"probe_cost": probe_cost},
 }
 
 
