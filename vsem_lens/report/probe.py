@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -36,6 +37,16 @@ from .html import CSS, figure_scripts
 
 #: Prompts are cut to this many tokens by default (one heatmap column per token).
 PROBE_MAX_TOKENS = 64
+#: The basis of each probed model, kept while the model lives: a notebook probes the same model again
+#: and again, and loading and checking the basis from disk (plus its unit vectors) costs about a second.
+_BASES: "weakref.WeakKeyDictionary[HookedModel, SemanticBasis]" = weakref.WeakKeyDictionary()
+
+
+def _basis(model: HookedModel) -> SemanticBasis:
+    basis = _BASES.get(model)
+    if basis is None or basis.fingerprint != model.fingerprint:
+        basis = _BASES[model] = SemanticBasis.from_model(model)
+    return basis
 
 
 @dataclass
@@ -127,7 +138,7 @@ def probe(
     if not readouts or any(r not in MAP_READOUTS for r in readouts):
         raise InputError(f"readouts must be a non-empty selection of {', '.join(MAP_READOUTS)}, got {readouts!r}.")
     resolved = resolve_frame(frame, model, lens=lens)
-    basis = SemanticBasis.from_model(model)
+    basis = _basis(model)
     agg = LensAggregator(model, basis, layers=layers, readouts={"lens": ("lens", resolved), "affinity": ("affinity", resolved)})
     try:
         table, metas = example_table(model, agg, frame_name(frame), texts, max_tokens=max_tokens)
