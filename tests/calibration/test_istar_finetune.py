@@ -126,15 +126,18 @@ def test_lambda_zero_equals_plain_cross_entropy_fine_tuning(tiny_model, tiny_tok
         assert torch.allclose(param, theirs[name], atol=2e-5), name
 
 
-def test_untrained_readout_equals_the_zero_shot_baseline(tiny_model, task):
-    from vsem_lens.calibration.features import extract_features
-    from vsem_lens.calibration.zero_shot import zero_shot_matmul
-
+def test_label_readout_equals_an_independent_hf_argmax(tiny_model, tiny_tokenizer, task):
+    hf = make_tiny_hf(tiny_tokenizer)  # the same weights, never wrapped by a bridge
     test = task.split("test")
-    features = extract_features(tiny_model, test, layer=-1, frame="final_norm")
-    expected = zero_shot_matmul(features, test.y)
+    ids = label_token_ids(tiny_model, task.label_words, warn=False)
+    expected = []
+    with torch.no_grad():
+        for text in test.texts:
+            enc = tiny_model.tokenize([task.template.replace("{text}", text)])
+            expected.append(int(hf(input_ids=enc.ids).logits[0, -1, ids].argmax()))
     ours = evaluate_labels(tiny_model, task, max_length=tiny_model.n_ctx)
-    assert torch.equal(ours.predictions, expected.predictions)
+    assert ours.predictions.tolist() == expected
+    assert ours.accuracy == pytest.approx(sum(p == y for p, y in zip(expected, test.y.tolist())) / len(expected))
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_model, task, tmp_path):

@@ -65,8 +65,9 @@ from ..core.models import HookedModel, Tokens
 from ..geometry.istar import istar_penalty, reference_covariance
 from ..geometry.metrics import check_zeta
 from .datasets import TextClassificationTask
-from .features import build_prompts, label_token_ids
-from .results import BaselineResult, baseline_result
+from .features import build_prompts, extract_features, label_token_ids
+from .results import BaselineResult
+from .zero_shot import zero_shot_matmul
 
 #: Bumped when the checkpoint layout changes; an older checkpoint is refused with a clear message.
 CHECKPOINT_VERSION = 1
@@ -243,22 +244,20 @@ def evaluate_labels(
     model: HookedModel, task: TextClassificationTask, *, split: str = "test", max_length: int = 64, batch_size: int = 16,
     method: str = "label logits",
 ) -> BaselineResult:
-    """Accuracy of the model's own label-token logits on a split (the zero-shot readout of any model,
-    fine-tuned or not).
+    """Accuracy of the model's own label-token logits on a split: the zero-shot readout
+    (:func:`~vsem_lens.calibration.zero_shot.zero_shot_matmul`) of any model, fine-tuned or not.
+
+    The feature cache is not used: it is keyed by the unembedding and final norm, which fine-tuning of
+    other weights (LoRA on the attention, say) leaves unchanged.
 
     Example:
         >>> evaluate_labels(model, load_task("sentiment")).accuracy   # doctest: +SKIP
     """
-    started = time.perf_counter()
-    head = model.unembedding().columns(label_token_ids(model, task.label_words))
     part = task.split(split)
-    prompts, _ = build_prompts(model, task.template, part.texts, max_length=max_length)
-    preds = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            logits, _ = label_logits(model, model.tokenize(prompts[start : start + batch_size]), head, [model.n_layers - 1])
-            preds.append(logits.argmax(dim=1).cpu())
-    return baseline_result(method, part.y, torch.cat(preds), task.n_classes, time.perf_counter() - started)
+    features = extract_features(model, part, max_length=max_length, batch_size=batch_size, cache=False, progress=False)
+    result = zero_shot_matmul(features, part.y, task.n_classes)
+    result.method = method
+    return result
 
 
 def training_covariance(

@@ -254,7 +254,8 @@ def _tokenize(model: HookedModel, texts: list[str], truncation: _Truncation | No
 
 class _Forward:
     """One batch's forward pass: SDPA unless eager is asked for, a memory estimate before it, and an
-    out-of-memory error that says what to lower.
+    out-of-memory error that says what to lower. Without gradients unless ``grad=True`` (training
+    through the hooks, :func:`hooked_states`).
     """
 
     def __init__(self, model: HookedModel, attention: str, n_buffers: int, keep_logits: bool):
@@ -265,7 +266,7 @@ class _Forward:
         self.hint = "attention='sdpa' avoids the eager score matrices" if attention == "eager" and supports_sdpa(model) else ""
         self.warned = False
 
-    def __call__(self, tokens: Tokens, fwd_hooks: list, first: int) -> Tensor | None:
+    def __call__(self, tokens: Tokens, fwd_hooks: list, first: int, *, grad: bool = False) -> Tensor | None:
         n_texts, width = tokens.ids.shape
         need = capture_memory(
             self.model, n_texts, width, n_tokens=int(tokens.mask.sum()), n_buffers=self.n_buffers,
@@ -281,7 +282,7 @@ class _Forward:
             )
         bridge, device = self.model.bridge, self.model.device
         try:
-            with torch.no_grad(), sdpa_attention(self.model, self.sdpa), bridge.hooks(fwd_hooks=fwd_hooks):
+            with torch.set_grad_enabled(grad), sdpa_attention(self.model, self.sdpa), bridge.hooks(fwd_hooks=fwd_hooks):
                 return bridge(tokens.ids.to(device), attention_mask=tokens.mask.to(device))
         except _StopForward:
             return None
@@ -467,12 +468,8 @@ def hooked_states(
         return keep
 
     fwd_hooks = [(hook_name(site, layer), make_hook(layer)) for layer in layer_list]
-    bridge, device = model.bridge, model.device
-    try:
-        with sdpa_attention(model), bridge.hooks(fwd_hooks=fwd_hooks):
-            bridge(tokens.ids.to(device), attention_mask=tokens.mask.to(device))
-    except _StopForward:
-        pass
+    forward = _Forward(model, "sdpa", len(layer_list), keep_logits=False)
+    forward(tokens, fwd_hooks, 0, grad=torch.is_grad_enabled())
     if len(states) < len(layer_list):
         raise NumericalError(f"the {site} hooks did not fire; this model's hook names are not TransformerLens's.")
     return [states[layer] for layer in layer_list]
