@@ -24,12 +24,10 @@ EXAMPLE_TOP_K = 5
 
 
 def example_table(
-    model: HookedModel, agg: LensAggregator, frame: str, texts: list[str], *, max_tokens: int = EXAMPLE_MAX_TOKENS,
+    model: HookedModel, agg: LensAggregator, frame: str, texts: list[str]
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Lens and affinity readouts of every position of the example texts (with the top-k tokens) as a
     tidy table, through the aggregator's own readout kernel (no second set of vocabulary buffers).
-
-    Texts are cut to their first ``max_tokens`` tokens (a heatmap column per token).
 
     Returns:
         The table (one row per example, layer and position) and, per example, ``index``, ``text``,
@@ -42,7 +40,7 @@ def example_table(
     frames, metas = [], []
     for i, text in enumerate(texts):
         ids = model.token_ids([text], max_length=model.n_ctx)[0]
-        tokens = model.pad([ids[: min(max_tokens, model.n_ctx)]])
+        tokens = model.pad([ids[: min(EXAMPLE_MAX_TOKENS, model.n_ctx)]])
         batch = next(iter_capture(model, tokens, layers=agg.capture_layers, batch_size=1))
         out = agg.read_batch(batch, k=EXAMPLE_TOP_K, names=("lens", "affinity"))
         n_layers, n_tok = len(agg.layers), batch.n_tokens
@@ -61,10 +59,7 @@ def example_table(
         cols["affinity_top_scores"] = aff["top_scores"].reshape(n_layers * n_tok, -1).tolist()
         cols["affinity_final_cos"] = aff["final_score"].reshape(-1).numpy()
         cols["affinity_final_rank"] = aff["final_rank"].reshape(-1).numpy()
-        lens_ids = lens["top_ids"].reshape(n_layers * n_tok, -1).tolist()
-        cols["lens_top1"] = [vocab[row[0]] for row in lens_ids]
-        cols["lens_top_tokens"] = [[vocab[j] for j in row] for row in lens_ids]
-        cols["lens_top_scores"] = lens["top_scores"].reshape(n_layers * n_tok, -1).tolist()
+        cols["lens_top1"] = [vocab[j] for j in lens["top_ids"][..., 0].reshape(-1).tolist()]
         cols["lens_final_rank"] = lens["final_rank"].reshape(-1).numpy()
         cols["lens_final_prob"] = lens["final_prob"].reshape(-1).numpy()
         cols["lens_kl_bits"] = lens["kl_bits"].reshape(-1).numpy()

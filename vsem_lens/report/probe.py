@@ -5,9 +5,9 @@ the logit lens and through vocabulary affinity (in any frame, a tuned lens or yo
 :class:`~vsem_lens.lenses.base.Lens` included) and returns a :class:`Probe`: it draws itself in Jupyter
 (side-by-side heatmaps of each readout's top-1 token, coloured by how the readout scores the model's
 final prediction, hover for the top-k; offline, plotly.js included once per probe), and gives the tidy
-table (:meth:`Probe.to_frame`) and plotly figures (:meth:`Probe.figure`). The table and the heatmaps
-are exactly the report's affinity map (:func:`~vsem_lens.report.examples.example_table`,
-:func:`~vsem_lens.report.figures.plot_affinity_map`) for any text.
+table (:meth:`Probe.to_frame`: :func:`~vsem_lens.readout.affinity.layerwise_affinity`'s table) and plotly
+figures (:meth:`Probe.figure`: the report's affinity map, :func:`~vsem_lens.report.figures.plot_affinity_map`,
+for any text).
 
 Example:
     >>> p = probe(model, "The capital of France is")                      # doctest: +SKIP
@@ -30,8 +30,8 @@ from ..core.errors import InputError, check_positive_int
 from ..core.models import HookedModel, check_texts
 from ..lenses.base import Lens
 from ..lenses.frames import frame_name, resolve_frame
-from ..readout import LensAggregator, SemanticBasis
-from .examples import example_table
+from ..readout import SemanticBasis, layerwise_affinity
+from .examples import EXAMPLE_TOP_K as MAP_TOP_K
 from .figures import MAP_READOUTS, plot_affinity_map
 from .html import CSS, figure_scripts
 
@@ -54,9 +54,9 @@ class Probe:
     """The readouts of one or more prompts at every layer and position (see :func:`probe`).
 
     Attributes:
-        table: one row per (example, layer, position): the input token, the model's prediction, each
-            readout's top-1 and top-k tokens with scores, and the final prediction's rank, probability
-            (lens) and cosine (affinity) under both readouts.
+        table: :func:`~vsem_lens.readout.affinity.layerwise_affinity`'s table, one row per (example,
+            layer, position), with ``text`` named ``example`` and ``affinity_final_score`` named
+            ``affinity_final_cos`` as in the report's examples table.
         metas: per prompt ``{"index", "text", "n_tokens", "n_tokens_full"}``.
         frame: the frame's name.
         readouts: the readouts drawn, left to right.
@@ -138,12 +138,13 @@ def probe(
     if not readouts or any(r not in MAP_READOUTS for r in readouts):
         raise InputError(f"readouts must be a non-empty selection of {', '.join(MAP_READOUTS)}, got {readouts!r}.")
     resolved = resolve_frame(frame, model, lens=lens)
-    basis = _basis(model)
-    agg = LensAggregator(model, basis, layers=layers, readouts={"lens": ("lens", resolved), "affinity": ("affinity", resolved)})
-    try:
-        table, metas = example_table(model, agg, frame_name(frame), texts, max_tokens=max_tokens)
-    finally:
-        agg.release()
+    table = layerwise_affinity(model, texts, frame=resolved, k=MAP_TOP_K, layers=layers, basis=_basis(model),
+                               max_length=max_tokens)
+    # The report's map columns: one example per text, the final prediction's cosine named as the report does.
+    table = table.rename(columns={"text": "example", "affinity_final_score": "affinity_final_cos"})
+    full = model.token_ids(texts, max_length=2**62)  # lengths before the cut, for the titles
+    metas = [{"index": i, "text": text, "n_tokens": min(len(ids), max_tokens), "n_tokens_full": len(ids)}
+             for i, (text, ids) in enumerate(zip(texts, full))]
     return Probe(table, metas, frame_name(frame), readouts)
 
 
