@@ -43,7 +43,7 @@ def measure(side: str, steps: int, threads: int) -> dict:
 
     import vsem_lens as vl
     from vsem_lens.calibration.features import build_prompts, label_token_ids
-    from vsem_lens.calibration.istar_finetune import IStarConfig, _trainable_copy, istar_loss, training_covariance
+    from vsem_lens.calibration.istar_finetune import IStarConfig, trainable_copy, istar_loss, training_covariance
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def measure(side: str, steps: int, threads: int) -> dict:
     else:
         weight = -5.0 if side == "istar" else 0.0
         config = IStarConfig(weight=weight, zeta=0.2).checked(model.n_layers)
-        tuned = _trainable_copy(model, config)
+        tuned = trainable_copy(model, config)
         del model
         layers = list(range(tuned.n_layers))
         c0 = None

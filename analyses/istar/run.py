@@ -194,10 +194,10 @@ def _gradient_norms(model, tasks, args):
     import torch
 
     from vsem_lens.calibration.features import build_prompts, label_token_ids
-    from vsem_lens.calibration.istar_finetune import IStarConfig, _trainable_copy, istar_loss, training_covariance
+    from vsem_lens.calibration.istar_finetune import IStarConfig, trainable_copy, istar_loss, training_covariance
 
     rows = []
-    copy = _trainable_copy(model, IStarConfig())
+    copy = trainable_copy(model, IStarConfig())
     params = [p for p in copy.parameters() if p.requires_grad]
     layers = list(range(model.n_layers))
     for name, task in tasks.items():

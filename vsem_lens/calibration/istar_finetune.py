@@ -287,8 +287,14 @@ def training_covariance(
         model.train(was_training)
 
 
-def _trainable_copy(model: HookedModel, config: IStarConfig) -> HookedModel:
-    """An independent hooked copy of ``model`` to train (LoRA adapters injected for ``method="lora"``)."""
+def trainable_copy(model: HookedModel, config: IStarConfig) -> HookedModel:
+    """An independent hooked copy of ``model`` to train (LoRA adapters injected for ``method="lora"``), on
+    the model's device; the loop of :func:`istar_finetune` trains it, and studies and benchmarks that time
+    single steps use it the same way.
+
+    Example:
+        >>> copy = trainable_copy(model, IStarConfig().checked(model.n_layers))   # doctest: +SKIP
+    """
     hf = export_hf_model(model)
     if config.method == "lora":
         try:
@@ -423,7 +429,7 @@ def istar_finetune(
         if n_states < model.d_model:
             training_covariance(model, c0_prompts, regularised)  # raises with the explanation
 
-    tuned = _trainable_copy(model, config)
+    tuned = trainable_copy(model, config)
     params = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     checkpoint = _Checkpoint(Path(checkpoint_dir) if checkpoint_dir is not None else None, _run_id(model, task, config))
@@ -492,5 +498,6 @@ __all__ = [
     "istar_finetune",
     "istar_loss",
     "label_logits",
+    "trainable_copy",
     "training_covariance",
 ]
