@@ -43,7 +43,7 @@ def measure(side: str, steps: int, threads: int) -> dict:
 
     import vsem_lens as vl
     from vsem_lens.calibration.features import build_prompts, label_token_ids
-    from vsem_lens.calibration.istar_finetune import IStarConfig, trainable_copy, istar_loss, training_covariance
+    from vsem_lens.calibration.istar_finetune import IStarConfig, istar_loss, trainable_copy, training_covariance
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -194,7 +194,7 @@ def _gradient_norms(model, tasks, args):
     import torch
 
     from vsem_lens.calibration.features import build_prompts, label_token_ids
-    from vsem_lens.calibration.istar_finetune import IStarConfig, trainable_copy, istar_loss, training_covariance
+    from vsem_lens.calibration.istar_finetune import IStarConfig, istar_loss, trainable_copy, training_covariance
 
     rows = []
     copy = trainable_copy(model, IStarConfig())
