@@ -260,6 +260,16 @@ def evaluate_labels(
     return result
 
 
+def _check_c0_sample(model: HookedModel, prompts: Sequence[str], layers: Sequence[int]) -> None:
+    """Refuse a C0 sample with fewer token states than ``d_model`` (its covariance would be singular)."""
+    n_states = sum(len(row) for row in model.token_ids(list(prompts))) * len(layers)
+    if n_states < model.d_model:
+        raise InputError(
+            f"the C0 sample holds {n_states} token states, fewer than d_model={model.d_model}; use more "
+            "training texts (or c0_texts), more layers, or c0='identity'."
+        )
+
+
 def training_covariance(
     model: HookedModel, prompts: Sequence[str], layers: Sequence[int], *, batch_size: int = 16, progress: bool = False
 ) -> Float[Tensor, "d_model d_model"]:
@@ -272,12 +282,7 @@ def training_covariance(
     Example:
         >>> c0 = training_covariance(model, prompts, range(30))   # doctest: +SKIP
     """
-    n_states = sum(len(row) for row in model.token_ids(list(prompts))) * len(layers)
-    if n_states < model.d_model:
-        raise InputError(
-            f"the C0 sample holds {n_states} token states, fewer than d_model={model.d_model}; use more "
-            "training texts (or c0_texts), more layers, or c0='identity'."
-        )
+    _check_c0_sample(model, prompts, layers)
     was_training = model.training
     model.eval()
     try:
@@ -425,9 +430,7 @@ def istar_finetune(
         c0_prompts = [prompts[i] for i in sorted(pick.tolist())]
     needs_c0 = config.c0 == "train" and config.weight != 0
     if needs_c0:  # fail before copying the model
-        n_states = sum(len(row) for row in model.token_ids(c0_prompts)) * len(regularised)
-        if n_states < model.d_model:
-            training_covariance(model, c0_prompts, regularised)  # raises with the explanation
+        _check_c0_sample(model, c0_prompts, regularised)
 
     tuned = trainable_copy(model, config)
     params = [p for p in tuned.parameters() if p.requires_grad]
