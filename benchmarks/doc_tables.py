@@ -121,8 +121,10 @@ def probe_cost() -> str:
     return (f"`vl.probe` on one {d['tokens']}-token prompt, all {d['layers']} layers, both readouts (table and two "
             f"figures): {d['probe_s']:.2f} s against {d['anchor_s']:.2f} s for one plain HF forward plus the bare "
             f"readout products of every layer, **{d['ratio']:.2f}x** ({d['threads']} thread, median of {d['repeats']} "
-            f"interleaved repeats; target 1.5x). Its HTML is {d['html_bytes'] / 2**20:.1f} MiB, of which "
-            f"{d['plotly_js_bytes'] / 2**20:.1f} MiB is plotly.js, included {d['plotly_js_copies']} time(s) per probe. "
+            f"interleaved repeats; target 1.5x). In a notebook its first output is {d['html_bytes'] / 2**20:.1f} MiB, of "
+            f"which {d['plotly_js_bytes'] / 2**20:.1f} MiB is plotly.js; a second probe's output is "
+            f"{d['later_html_bytes'] / 2**10:,.0f} KiB: plotly.js travels {d['plotly_js_copies']} time(s) per "
+            "notebook, in the kernel's first figure output. "
             "`benchmarks/results/probe.json`.")
 
 

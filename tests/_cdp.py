@@ -272,6 +272,7 @@ FIGURE_STATUS_JS = """
   svg: el.querySelectorAll('svg.main-svg').length,
   traces: (el.data || []).length,
   error: el.classList.contains('plot-error'),
+  message: el.classList.contains('plot-error') ? el.textContent : '',
 })))()
 """
 

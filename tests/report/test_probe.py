@@ -57,14 +57,37 @@ def test_probe_bad_arguments(tiny_model):
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 def test_probe_html_draws_every_heatmap_offline(tiny_model, tmp_path):
-    p = vl.probe(tiny_model, [TINY_TEXTS[0], EVIL])
-    fragment = p._repr_html_()
-    assert fragment.count('<script id="plotly-js"') == 1  # plotly.js once per probe, not per figure
+    """Two probes in one notebook page: plotly.js travels once, in the first output, and both draw.
+
+    The page has an AMD ``define`` as the classic notebook's require.js does, which would swallow plotly's
+    UMD export if the library were not wrapped.
+    """
+    vl.report.resend_plotly()  # as in a fresh kernel
+    first = vl.probe(tiny_model, [TINY_TEXTS[0], EVIL])._repr_html_()
+    second = vl.probe(tiny_model, TINY_TEXTS[1], readouts=("lens",))._repr_html_()
+    assert first.count('<script id="plotly-js"') == 1 and second.count('<script id="plotly-js"') == 0
+    assert len(second) < len(first) / 20  # the second output is the figure data only
+    amd = "<script>window.define=function(){};window.define.amd={};</script>"
     page = tmp_path / "notebook.html"
-    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><title>probe</title></head><body>"
-                    f"<div class='cell'>{fragment}</div></body></html>", encoding="utf-8")
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><title>probe</title>" + amd + "</head><body>"
+                    f"<div class='cell'>{first}</div><div class='cell'>{second}</div></body></html>", encoding="utf-8")
     result = render_report(page, tmp_path / "browser")
-    assert len(result["figures"]) == 4, result["figures"]  # 2 prompts x 2 readouts
+    assert len(result["figures"]) == 5, result["figures"]  # 2 prompts x 2 readouts, then 1 x 1
     assert all(item["svg"] > 0 and item["traces"] > 0 and not item["error"] for item in result["figures"])
     assert result["errors"] == [] and result["dialogs"] == 0
     assert [u for u in result["requests"] if not u.startswith(("file:", "data:", "blob:", "about:"))] == []
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_probe_without_plotly_on_the_page_says_what_to_do(tiny_model, tmp_path):
+    """A later output whose page lost plotly.js (first output cleared, page reloaded) explains itself."""
+    vl.probe(tiny_model, "Hello")._repr_html_()  # the kernel has sent plotly.js
+    later = vl.probe(tiny_model, "Hello world", readouts=("affinity",))._repr_html_()
+    page = tmp_path / "reloaded.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{later}</body></html>",
+                    encoding="utf-8")
+    result = render_report(page, tmp_path / "browser")
+    assert len(result["figures"]) == 1 and result["figures"][0]["error"]
+    assert "resend_plotly()" in result["figures"][0]["message"] and result["errors"] == []
+    vl.report.resend_plotly()
+    assert vl.probe(tiny_model, "Hello")._repr_html_().count('<script id="plotly-js"') == 1

@@ -3,6 +3,7 @@ checkpoints, the result record, its text and figures, and the self-contained HTM
 """
 
 from .build import build_report
+from .html import resend_plotly
 from .plan import CorpusPlan, plan_corpus
 from .probe import Probe, probe
 from .record import Report, ReportWriteError, check_report_destination
@@ -16,4 +17,5 @@ __all__ = [
     "build_report",
     "plan_corpus",
     "probe",
+    "resend_plotly",
 ]

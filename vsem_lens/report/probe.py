@@ -4,7 +4,7 @@
 the logit lens and through vocabulary affinity (in any frame, a tuned lens or your own
 :class:`~vsem_lens.lenses.base.Lens` included) and returns a :class:`Probe`: it draws itself in Jupyter
 (side-by-side heatmaps of each readout's top-1 token, coloured by how the readout scores the model's
-final prediction, hover for the top-k; offline, plotly.js included once per probe), and gives the tidy
+final prediction, hover for the top-k; offline, plotly.js included once per notebook), and gives the tidy
 table (:meth:`Probe.to_frame`: :func:`~vsem_lens.readout.affinity.layerwise_affinity`'s table) and plotly
 figures (:meth:`Probe.figure`: the report's affinity map, :func:`~vsem_lens.report.figures.plot_affinity_map`,
 for any text).
@@ -33,7 +33,7 @@ from ..lenses.frames import frame_name, resolve_frame
 from ..readout import SemanticBasis, layerwise_affinity
 from .examples import EXAMPLE_TOP_K as MAP_TOP_K
 from .figures import MAP_READOUTS, plot_affinity_map
-from .html import CSS, figure_scripts
+from .html import CSS, notebook_scripts
 
 #: Prompts are cut to this many tokens by default (one heatmap column per token).
 PROBE_MAX_TOKENS = 64
@@ -101,7 +101,7 @@ class Probe:
             blocks.append(f'<p class="caption"><b>Prompt {meta["index"] + 1}:</b> {caption}</p>'
                           f'<div class="cards">{"".join(cells)}</div>')
         return (f'<div class="vsem-report" id="{prefix}"><style>{CSS}</style>{"".join(blocks)}'
-                f"{figure_scripts(figures)}</div>")
+                f"{notebook_scripts(figures)}</div>")
 
 
 def probe(

@@ -85,7 +85,7 @@ class Report:
         return render_page(self, standalone=True)
 
     def _repr_html_(self) -> str:
-        """Inline rendering in Jupyter: every figure, with plotly.js included once (no CDN)."""
+        """Inline rendering in Jupyter: every figure, no CDN (plotly.js travels once per kernel, see ``notebook_scripts``)."""
         return render_page(self, standalone=False)
 
     def add_timing(self, stage: str, seconds: float) -> None:
