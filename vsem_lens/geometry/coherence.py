@@ -25,8 +25,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.errors import ArtifactError, InputError, check_positive_int
-from ..readout.affinity import vocabulary_strings
 from ..readout.basis import SemanticBasis
+from ..readout.scores import vocabulary_strings
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 #: Resolution of the fine histograms the coherence quantiles are read from (|cos| in [0, 1]).

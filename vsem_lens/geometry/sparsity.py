@@ -111,7 +111,7 @@ def affinity_sparsity_by_layer(
             for start in range(0, batch.n_tokens, token_chunk):
                 for t, layer in enumerate(layer_list):
                     h = lens(resid[t, start : start + token_chunk], layer)
-                    affinity = vocab_affinity(h, basis)
+                    affinity = vocab_affinity(h, basis).as_tensor()
                     out, top1_cosine = _softmax_stats(affinity, k)
                     out["top1_cosine"] = top1_cosine  # the top-k pass already found the maximum
                     del affinity

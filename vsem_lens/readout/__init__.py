@@ -1,12 +1,13 @@
 """Vocabulary readouts: the semantic basis (pseudoinverse of the unembedding), the readout kernel, and
-the logit lens and vocabulary-affinity readouts of every layer, per text or streamed over a corpus, and a
+the logit lens and vocabulary-affinity readouts (tensors that speak tokens) of every layer, per text or streamed over a corpus, and a
 fitted temperature for affinity probabilities.
 """
 
-from .affinity import iter_layer_readouts, layerwise_affinity, logit_lens, vocab_affinity, vocabulary_strings
+from .affinity import iter_layer_readouts, layerwise_affinity, logit_lens, vocab_affinity
 from .aggregator import LensAggregator
 from .basis import SemanticBasis, pinv_by_gram
 from .kernel import Readout, ReadoutKernel, basis_and_lens
+from .scores import TopTokens, VocabScores, vocabulary_strings
 from .temperature import TemperatureFit, affinity_kl_at, fit_affinity_temperature, fit_temperature
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "ReadoutKernel",
     "SemanticBasis",
     "TemperatureFit",
+    "TopTokens",
+    "VocabScores",
     "affinity_kl_at",
     "basis_and_lens",
     "fit_affinity_temperature",

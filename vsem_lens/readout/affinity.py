@@ -36,6 +36,7 @@ from ..lenses.base import Lens
 from ..lenses.frames import resolve_frame
 from .basis import SemanticBasis
 from .kernel import READOUT_MAX_ROWS, READOUTS, Readout, ReadoutKernel
+from .scores import VocabScores, vocabulary_strings
 
 __all__ = [
     "iter_layer_readouts",
@@ -48,14 +49,17 @@ __all__ = [
 
 def vocab_affinity(
     h: Float[Tensor, "... d_model"], basis: SemanticBasis
-) -> Float[Tensor, "... d_vocab"]:
+) -> Float[VocabScores, "... d_vocab"]:
     """Cosine of each row of ``h`` with every semantic basis vector (zero rows give zeros).
 
-    ``h`` must already be in the basis's frame (see :meth:`SemanticBasis.project`).
+    ``h`` must already be in the basis's frame (see :meth:`SemanticBasis.project`). The result is a
+    tensor that speaks tokens (:class:`~vsem_lens.readout.scores.VocabScores`): ``.topk(k)`` unpacks as
+    ``(values, indices)`` and shows the token strings.
 
     Example:
         >>> vocab_affinity(basis.project(h, layer=29), basis).shape  # doctest: +SKIP
         torch.Size([5, 49152])
+        >>> vocab_affinity(basis.project(h, layer=29), basis)[-1].topk(3).to_frame()  # doctest: +SKIP
     """
     if not isinstance(h, Tensor):
         raise InputError(f"h must be a tensor of hidden states [..., d_model], got {type(h).__name__}.")
@@ -64,7 +68,7 @@ def vocab_affinity(
     unit = basis.unit_vectors
     h = h.to(unit.dtype)
     h_unit = h / h.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-    return h_unit @ unit.T
+    return VocabScores.wrap(h_unit @ unit.T, basis.model, "affinity")
 
 
 def logit_lens(
@@ -73,15 +77,17 @@ def logit_lens(
     *,
     layer: int = -1,
     frame: str | Lens = "final_norm",
-) -> Float[Tensor, "... d_vocab"]:
+) -> Float[VocabScores, "... d_vocab"]:
     """Logit lens: the model's logits of ``lens(h)`` (``final_norm`` frame: ``LN_f(h) W_U + b_U``, then the
-    model's output-logit transform, e.g. Gemma 2's softcap; at the last layer these are the model's logits).
+    model's output-logit transform, e.g. Gemma 2's softcap; at the last layer these are the model's logits),
+    as a tensor that speaks tokens (:class:`~vsem_lens.readout.scores.VocabScores`).
 
     Example:
         >>> logit_lens(acts.layer("resid_post", 20), model).argmax(-1)  # doctest: +SKIP
+        >>> logit_lens(acts.layer("resid_post", 20), model)[-1].topk(3)   # doctest: +SKIP
     """
     lens = resolve_frame(frame, model)
-    return model.unembed(lens(h, check_layer_index(layer, model.n_layers)))
+    return VocabScores.wrap(model.unembed(lens(h, check_layer_index(layer, model.n_layers))), model, "lens")
 
 
 def iter_layer_readouts(
@@ -115,22 +121,6 @@ def iter_layer_readouts(
         model, texts, layers=kernel.capture_layers, batch_size=batch_size, max_length=max_length, progress=progress
     ):
         yield kernel.read_batch(batch)
-
-
-def vocabulary_strings(model: HookedModel) -> list[str]:
-    """Decoded string of every token id (cached on the model).
-
-    Example:
-        >>> vocabulary_strings(model)[504]  # doctest: +SKIP
-        'The'
-    """
-    cached = getattr(model, "_vocabulary_strings", None)
-    if cached is None or len(cached) != model.d_vocab:
-        n_tok = len(model.tokenizer)
-        cached = model.token_strings(list(range(min(n_tok, model.d_vocab))))
-        cached += [f"<unused {i}>" for i in range(len(cached), model.d_vocab)]
-        model._vocabulary_strings = cached
-    return cached
 
 
 def layerwise_affinity(
