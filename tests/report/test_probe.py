@@ -62,7 +62,6 @@ def test_probe_html_draws_every_heatmap_offline(tiny_model, tmp_path):
     The page has an AMD ``define`` as the classic notebook's require.js does, which would swallow plotly's
     UMD export if the library were not wrapped.
     """
-    vl.report.resend_plotly()  # as in a fresh kernel
     first = vl.probe(tiny_model, [TINY_TEXTS[0], EVIL])._repr_html_()
     second = vl.probe(tiny_model, TINY_TEXTS[1], readouts=("lens",))._repr_html_()
     assert first.count('<script id="plotly-js"') == 1 and second.count('<script id="plotly-js"') == 0

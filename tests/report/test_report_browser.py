@@ -52,7 +52,8 @@ def test_report_renders_in_chromium(tiny_model, tmp_path):
 
 
 def test_notebook_fragment_renders_in_chromium(tiny_model, tmp_path):
-    """_repr_html_ (what Jupyter shows) draws every figure when inserted into a page, twice on one page."""
+    """_repr_html_ (what Jupyter shows) draws every figure when inserted into a page, twice on one page (the second
+    output without plotly.js, using the first one's)."""
     report = build_report(tiny_model, TINY_TEXTS, lens_tokens=20, examples=[TINY_TEXTS[0]])
     page = tmp_path / "notebook.html"
     page.write_text(

@@ -55,7 +55,8 @@ CSS = """
 .vsem-report p.caption { margin:16px 0 2px; font-size:14px; color:var(--muted); max-width:1020px;
   overflow-wrap:anywhere; }
 .vsem-report p.caption b { color:var(--fg); }
-.vsem-report .figure { overflow-x:auto; margin:4px 0 18px; border:1px solid #eef0f3; border-radius:6px; }
+/* display:block: a host page's own .figure rule (Bootstrap's is inline-block) would shrink the plot to nothing */
+.vsem-report .figure { display:block; overflow-x:auto; margin:4px 0 18px; border:1px solid #eef0f3; border-radius:6px; }
 .vsem-report .figure .plot-error { color:#b02a37; padding:12px; }
 .vsem-report .cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(300px,1fr)); gap:14px; align-items:start; }
 .vsem-report table.facts { border-collapse:collapse; font-size:13px; width:100%; }
@@ -221,11 +222,14 @@ def figure_scripts(figures: dict[str, Any], *, include_plotlyjs: bool = True) ->
     )
     return (
         library + "<script>(function(){var config=" + config + ";var figs=[" + ",\n".join(calls) + "];"
-        "figs.forEach(function(item){var el=document.getElementById(item[0]);if(!el){return;}"
+        "function draw(){figs.forEach(function(item){var el=document.getElementById(item[0]);if(!el){return;}"
         "if(typeof Plotly==='undefined'){el.textContent=" + missing + ";el.className+=' plot-error';return;}"
         "try{Plotly.newPlot(el,item[1].data,item[1].layout,config);}"
         "catch(err){console.error('vsem-lens: figure '+item[0]+' failed: '+err);"
-        "el.textContent='This figure could not be drawn: '+err;el.className+=' plot-error';}});})();</script>"
+        "el.textContent='This figure could not be drawn: '+err;el.className+=' plot-error';}});}"
+        # in a page still loading, wait for its layout (a theme's CSS) so each figure gets its real width
+        "if(document.readyState==='loading'){document.addEventListener('DOMContentLoaded',draw);}else{draw();}"
+        "})();</script>"
     )
 
 
