@@ -10,6 +10,9 @@
   each build and served from the matrix, so the documented list is the tested one.
   ``tests/test_architectures.py`` checks that the committed file is current; ``python docs/hooks.py``
   rewrites it.
+- Each example notebook becomes a page ``examples/<name>.md`` with its outputs (``docs/notebooks.py``: executed
+  by the build, or by the test run that hands its executed copies over); plotly.js is written into the
+  site once (``js/plotly.min.js``) for their figures.
 - Formulas (``\\( ... \\)`` and ``\\[ ... \\]``, wrapped by ``pymdownx.arithmatex``) become MathML at build
   time (``latex2mathml``), which browsers render natively: the site needs no math script and no network.
 """
@@ -210,5 +213,44 @@ def latex_to_mathml(html: str) -> str:
     return MATH.sub(one, html)
 
 
+def _notebooks():
+    """``docs/notebooks.py`` imported by path (docs/ is not a package)."""
+    name = "vsem_lens_docs_notebooks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "notebooks.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+#: Raw HTML outputs of each notebook page, by page path, between on_files and on_page_content.
+_NOTEBOOK_OUTPUTS: dict[str, list[str]] = {}
+
+
+def on_files(files, config):  # noqa: D103 - MkDocs hook signature
+    from mkdocs.structure.files import File
+
+    nbs = _notebooks()
+    for notebook in nbs.notebooks():
+        markdown, raw = nbs.to_markdown(nbs.executed(notebook), notebook)
+        src = nbs.page_path(notebook)
+        _NOTEBOOK_OUTPUTS[src] = raw
+        files.append(File.generated(config, src, content=markdown))
+    return files
+
+
 def on_page_content(html: str, page, config, files) -> str:  # noqa: ARG001 - MkDocs hook signature
+    raw = _NOTEBOOK_OUTPUTS.get(page.file.src_uri)
+    if raw is not None:
+        from mkdocs.utils import get_relative_url
+
+        nbs = _notebooks()
+        # the outputs go in after the formulas: their HTML is the notebook's, not Markdown's
+        return nbs.fill_outputs(latex_to_mathml(html), raw, get_relative_url(nbs.SITE_PLOTLY, page.url))
     return latex_to_mathml(html)
+
+
+def on_post_build(config) -> None:  # noqa: D103 - MkDocs hook signature
+    if any(_NOTEBOOK_OUTPUTS.values()):
+        _notebooks().write_plotly(config["site_dir"])

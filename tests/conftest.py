@@ -88,6 +88,14 @@ _REAL_CACHE = os.environ.get("VSEM_LENS_CACHE") or os.path.join(os.path.expandus
 
 
 @pytest.fixture(autouse=True)
+def _fresh_notebook():
+    """Each test starts as a fresh kernel: its first figure output carries plotly.js (report.html.notebook_scripts)."""
+    from vsem_lens.report import resend_plotly
+
+    resend_plotly()
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     session_cache = tmp_path_factory.getbasetemp() / "vsem-cache"
     link = session_cache / "models"
@@ -105,6 +113,14 @@ def embedded():
     import vsem_lens as vl
 
     return vl.load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory):
+    """The example notebooks, each executed at most once per session (see ``tests/_notebooks.py``)."""
+    from _notebooks import ExecutedNotebooks
+
+    return ExecutedNotebooks(tmp_path_factory.mktemp("executed-notebooks"))
 
 
 @pytest.fixture(scope="session")

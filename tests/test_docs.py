@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_mkdocs_build_strict(tmp_path):
+@pytest.mark.embedded
+def test_mkdocs_build_strict(tmp_path, executed_notebooks):
+    """The site builds with --strict, with the generated parts, offline math and the executed notebooks."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
+    pytest.importorskip("nbclient")
     site = tmp_path / "site"
+    # the notebooks run once per session: the site shows the outputs of the test run's executions
+    env = {**os.environ, "VSEM_EXECUTED_NOTEBOOKS": str(executed_notebooks.all())}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert (site / "index.html").is_file()
@@ -37,6 +44,38 @@ def test_mkdocs_build_strict(tmp_path):
     concepts = (site / "concepts" / "isotropy" / "index.html").read_text(encoding="utf-8")
     assert concepts.count("<math") >= 10 and 'class="arithmatex"' not in concepts and "mathjax" not in concepts.lower()
     _check_math_in_chromium(site / "concepts" / "isotropy" / "index.html", tmp_path / "browser")
+    _check_notebook_pages(site, tmp_path / "browser-notebooks")
+
+
+def _check_notebook_pages(site: Path, workdir: Path) -> None:
+    """Each example notebook is a page with its outputs: every figure drawn in Chromium, nothing from a CDN,
+    plotly.js served once from the site and never inlined into a page."""
+    from _cdp import find_chromium, render_report
+
+    from vsem_lens.report.html import plotly_js
+
+    assert (site / "js" / "plotly.min.js").read_text(encoding="utf-8") == plotly_js()
+    pages = sorted((site / "examples").glob("0*/index.html"))
+    assert [p.parent.name for p in pages] == [p.stem for p in sorted((ROOT / "examples").glob("*.ipynb"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert 'class="nb-output"' not in text  # every placeholder was filled
+        assert text.count('src="../../js/plotly.min.js"') == 1 and 'id="plotly-js"' not in text
+        assert "<table" in text and "Plotly.newPlot" in text, page  # tables and figures came through
+        assert len(text) < 4 * 2**20, f"{page}: {len(text):,} bytes"
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium) - the notebook pages check needs it")
+    probe_page = site / "examples" / "01_probe_activations" / "index.html"
+    assert "vsem-probe-" in probe_page.read_text(encoding="utf-8")
+    for page in pages:
+        result = render_report(page, workdir / page.parent.name)
+        assert result["figures"], f"{page.parent.name}: no figure on the page"
+        assert all(f["svg"] > 0 and not f["error"] for f in result["figures"]), (page.parent.name, result["figures"])
+        # the theme's search runs in a Web Worker, which browsers refuse to start from a file:// page
+        errors = [e for e in result["errors"] if "search/worker.js" not in e]
+        assert errors == [], (page.parent.name, errors)
+        external = [u for u in result["requests"] if not u.startswith(("file:", "data:", "blob:", "about:"))]
+        assert external == [], (page.parent.name, external)
 
 
 def _check_math_in_chromium(page_path: Path, workdir: Path) -> None:
@@ -90,7 +129,10 @@ def test_nav_pages_exist():
 
     nav = re.findall(r":\s*([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), flags=re.M)
     assert "scale.md" in nav
-    missing = [page for page in nav if not (ROOT / "docs" / page).is_file()]
+    # examples/<name>.md are generated from examples/<name>.ipynb by the docs build (docs/notebooks.py)
+    generated = {f"examples/{nb.stem}.md" for nb in (ROOT / "examples").glob("*.ipynb")}
+    assert generated <= set(nav), f"example notebooks missing from the nav: {sorted(generated - set(nav))}"
+    missing = [page for page in nav if not (ROOT / "docs" / page).is_file() and page not in generated]
     assert not missing, f"pages in mkdocs.yml nav but not in docs/: {missing}"
 
 
