@@ -46,6 +46,22 @@ def test_probe_with_a_tuned_lens(tiny_model):
     assert p.to_frame().sort_values(["layer", "position"]).affinity_top1.tolist() == ref.affinity_top1.tolist()
 
 
+def test_probe_hover_values_are_escaped_and_complete(tiny_model):
+    """The hover values (customdata) carry escaped token strings; the markup sits once in the template."""
+    p = vl.probe(tiny_model, EVIL)
+    table = p.to_frame()
+    for readout in ("lens", "affinity"):
+        heatmap = p.figure(0, readout).data[0]
+        cells = heatmap.customdata.reshape(-1, heatmap.customdata.shape[-1])
+        strings = [value for cell in cells for value in cell if isinstance(value, str)]
+        assert strings and not any("<" in value or ">" in value for value in strings)
+        assert any("&lt;" in value for value in strings)  # the <script> pieces are there, escaped
+        assert heatmap.hovertemplate.count("<br>") >= 5 and "customdata" in heatmap.hovertemplate
+        last = table[(table.layer == tiny_model.n_layers - 1)].sort_values("position")
+        ranks = [int(c[-1]) for c in heatmap.customdata[-1]]  # logit-lens rank + 1 of the final prediction
+        assert ranks == (last.lens_final_rank + 1).tolist()
+
+
 def test_probe_bad_arguments(tiny_model):
     with pytest.raises(InputError, match="readouts"):
         vl.probe(tiny_model, "Hello", readouts=("logits",))

@@ -98,9 +98,11 @@ def plot_affinity_map(
     row_of = {layer: i for i, layer in enumerate(layers)}
     col_of = {pos: j for j, pos in enumerate(positions)}
     shape = (len(layers), len(positions))
+    k = int(df[spec["tokens"]].map(len).max()) if len(df) else 0
     z = np.full(shape, np.nan)
     text = np.full(shape, "", dtype=object)
-    hover = np.full(shape, "", dtype=object)
+    # Hover values per cell; the markup lives once in the template (a 64-token prompt has ~2,000 cells).
+    custom = np.full((*shape, 2 * k + 8), None, dtype=object)
     inputs = {}
     predictions = {}
     for row in df.to_dict("records"):
@@ -109,18 +111,25 @@ def plot_affinity_map(
         text[i, j] = display_token(row[spec["top1"]], 7)
         inputs[row["position"]] = row["token"]
         predictions[row["position"]] = row["final_token"]
-        top = "<br>".join(
-            f"&nbsp;&nbsp;{display_token(tok, 24)} &nbsp;{score:+.3f}"
-            for tok, score in zip(row[spec["tokens"]], row[spec["scores"]])
-        )
-        hover[i, j] = (
-            f"<b>layer {row['layer']}</b>, position {row['position']}, input {display_token(row['token'], 24)}<br>"
-            f"<b>{spec['title']} top-{len(row[spec['tokens']])}</b> ({spec['score_name']}):<br>{top}<br>"
-            f"<b>{MAP_READOUTS[other]['title']} top-1</b>: {display_token(row[MAP_READOUTS[other]['top1']], 24)}<br>"
-            f"<b>model's prediction</b>: {display_token(row['final_token'], 24)}<br>"
-            f"&nbsp;&nbsp;cosine {row['affinity_final_cos']:+.3f}, rank {row['affinity_final_rank'] + 1} by affinity, "
-            f"rank {row['lens_final_rank'] + 1} by logit lens"
-        )
+        top = [value for tok, score in zip(row[spec["tokens"]], row[spec["scores"]])
+               for value in (display_token(tok, 24), round(float(score), 4))]
+        custom[i, j] = [
+            row["layer"], row["position"], display_token(row["token"], 24), *top, *[""] * (2 * k - len(top)),
+            display_token(row[MAP_READOUTS[other]["top1"]], 24), display_token(row["final_token"], 24),
+            round(float(row["affinity_final_cos"]), 4), int(row["affinity_final_rank"]) + 1,
+            int(row["lens_final_rank"]) + 1,
+        ]
+    o = 3 + 2 * k  # first index after the top-k pairs
+    hover = (
+        "<b>layer %{customdata[0]}</b>, position %{customdata[1]}, input %{customdata[2]}<br>"
+        f"<b>{spec['title']} top-{k}</b> ({spec['score_name']}):<br>"
+        + "".join(f"&nbsp;&nbsp;%{{customdata[{3 + 2 * t}]}} &nbsp;%{{customdata[{4 + 2 * t}]:+.3f}}<br>"
+                  for t in range(k))
+        + f"<b>{MAP_READOUTS[other]['title']} top-1</b>: %{{customdata[{o}]}}<br>"
+        f"<b>model's prediction</b>: %{{customdata[{o + 1}]}}<br>"
+        f"&nbsp;&nbsp;cosine %{{customdata[{o + 2}]:+.3f}}, rank %{{customdata[{o + 3}]}} by affinity, "
+        f"rank %{{customdata[{o + 4}]}} by logit lens<extra></extra>"
+    )
     # Rows are plotted at 0..L-1 (row index, so non-contiguous layers get equal rows) and the model's
     # prediction as a text row at L; tick labels name them.
     rows = list(range(len(layers)))
@@ -133,8 +142,8 @@ def plot_affinity_map(
             text=text,
             texttemplate="%{text}",
             textfont={"size": 9},
-            hovertext=hover,
-            hovertemplate="%{hovertext}<extra></extra>",
+            customdata=custom,
+            hovertemplate=hover,
             colorscale="Viridis",
             colorbar={"title": {"text": spec["colour_label"], "side": "right"}, "thickness": 12},
             xgap=1,
