@@ -1,6 +1,6 @@
-"""Vocabulary readouts: the semantic basis (pseudoinverse of the unembedding), the readout kernel, and
-the logit lens and vocabulary-affinity readouts (tensors that speak tokens) of every layer, per text or streamed over a corpus, and a
-fitted temperature for affinity probabilities.
+"""Vocabulary readouts: the semantic basis (pseudoinverse of the unembedding), the readout kernel, the
+logit lens and vocabulary-affinity readouts (tensors that speak tokens) of every layer, per text or
+streamed over a corpus, and a fitted temperature for affinity probabilities.
 """
 
 from .affinity import iter_layer_readouts, layerwise_affinity, logit_lens, vocab_affinity
