@@ -305,8 +305,9 @@ def test_interrupted_run_leaves_earlier_report_intact(tiny_model_dir, tmp_path, 
     assert "full-vocabulary readouts on" in seen, seen
     assert proc.poll() is None, "the run finished before it could be interrupted; make the corpus bigger"
     proc.send_signal(sig)
-    rc = proc.wait(timeout=60)
-    err = seen + proc.stderr.read()
+    # communicate, not wait: the run's progress bars could fill the stderr pipe and block it forever
+    _, rest = proc.communicate(timeout=60)
+    rc, err = proc.returncode, seen + rest
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL
     else:
