@@ -281,7 +281,13 @@ def _run_report(tiny_model_dir: Path, corpus: Path, out: Path, *extra: str) -> s
         [sys.executable, "-m", "vsem_lens.cli", "report", "--model", str(tiny_model_dir), "--corpus", str(corpus),
          "--out", str(out), "--max-tokens", "all", "--lens-tokens", "200", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        # as a shell starts it: Ctrl-C delivers SIGINT (an ignored SIGINT in the test process would be inherited)
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
