@@ -20,6 +20,7 @@ executed, never with outputs committed by hand:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
@@ -99,22 +100,26 @@ def execute(path: Path, workdir: Path | None = None, timeout: int = CELL_TIMEOUT
 
 
 def write(nb, path: Path) -> Path:
-    """Write an executed notebook atomically (temp file + rename)."""
+    """Write an executed notebook atomically (the project's temp file + rename)."""
     import nbformat
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
-    return path
+    from vsem_lens.core.io import atomic_write
+
+    return atomic_write(path, lambda tmp: nbformat.write(nb, tmp))
 
 
-def _source_hash(notebook: Path) -> str:
-    digest = hashlib.sha256(notebook.read_bytes())
+@functools.lru_cache(maxsize=1)
+def _package_hash() -> bytes:
+    """Digest of the ``vsem_lens`` sources, read once per build (every notebook's cache key includes it)."""
+    digest = hashlib.sha256()
     for source in sorted((ROOT / "vsem_lens").rglob("*.py")):
         digest.update(source.relative_to(ROOT).as_posix().encode())
         digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.digest()
+
+
+def _source_hash(notebook: Path) -> str:
+    return hashlib.sha256(_package_hash() + notebook.read_bytes()).hexdigest()[:16]
 
 
 def executed(notebook: Path):
@@ -129,8 +134,9 @@ def executed(notebook: Path):
         return nbformat.read(path, as_version=4)
     if os.environ.get("VSEM_DOCS_EXECUTE", "1") == "0":
         return None
-    cache_root = Path(os.environ.get("VSEM_LENS_CACHE") or Path.home() / ".cache" / "vsem-lens")
-    cached = cache_root / "docs-notebooks" / f"{notebook.stem}-{_source_hash(notebook)}.ipynb"
+    from vsem_lens.core.models import cache_dir
+
+    cached = cache_dir() / "docs-notebooks" / f"{notebook.stem}-{_source_hash(notebook)}.ipynb"
     if cached.is_file():
         return nbformat.read(cached, as_version=4)
     print(f"docs: executing {notebook.name} (cached afterwards in {cached.parent})", file=sys.stderr)
